@@ -1,0 +1,294 @@
+"""The YAML schema of a raypeft run, validated at the boundary.
+
+Every field a user can write lives here, typed, so that a bad file fails on the driver before
+Ray starts, with one line naming the field path, what was expected and what was found
+(``ConfigError``). Stage code receives the validated model and never re-checks types.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+STAGES = ("sft",)
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line: ``<field path>: <problem>``."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    """The base model every role shares: ``demo``, a hub id, or a local folder."""
+
+    name_or_path: str = "demo"
+    task_type: Literal["CAUSAL_LM", "SEQ_2_SEQ_LM"] = "CAUSAL_LM"
+    revision: str | None = None
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class Columns(_Strict):
+    prompt: str = "prompt"
+    response: str = "response"
+
+
+class DataSpec(_Strict):
+    """Where the examples come from and how a prompt is formatted.
+
+    ``source: demo`` is the embedded corpus; anything else is a local file, folder or glob
+    (json/jsonl/parquet/csv) or a hub dataset id. ``eval_source`` (or ``eval_split`` of a hub
+    dataset, or ``eval_fraction`` of the train rows) gives the held-out split for ROUGE.
+    """
+
+    source: str = "demo"
+    train_split: str = "train"
+    subset: str | None = None
+    file_format: Literal["json", "jsonl", "parquet", "csv"] | None = None
+    eval_source: str | None = None
+    eval_split: str | None = None
+    eval_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
+    columns: Columns = Columns()
+    prompt_template: str = "{prompt}"
+    max_length: int = Field(default=256, gt=8)
+    truncation: Literal["left-prompt", "error"] = "left-prompt"
+    max_train_rows: int | None = Field(default=None, gt=0)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_prompt(cls, v: str) -> str:
+        if "{prompt}" not in v:
+            raise ValueError("must contain '{prompt}'")
+        return v
+
+
+class LoraSpec(_Strict):
+    """LoRA with PEFT's field names, so a YAML block reads like a ``LoraConfig``."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(default=8, gt=0)
+    lora_alpha: float = Field(default=16, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | Literal["gaussian"] = True
+    init_from: str | None = None
+
+    def adapter_kwargs(self) -> dict[str, Any]:
+        """Fields that belong to the adapter config (everything but pipeline-only keys)."""
+        return self.model_dump(exclude={"method", "init_from"})
+
+
+AdapterSpec = Annotated[Union[LoraSpec], Field(discriminator="method")]
+ADAPTER_SPECS: dict[str, type[_Strict]] = {"lora": LoraSpec}
+
+
+class SFTSpec(_Strict):
+    """Optimisation settings of the SFT stage (per worker batch size)."""
+
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0)
+
+
+class EvalSpec(_Strict):
+    """Held-out ROUGE of generated responses, before and after a stage."""
+
+    rouge: bool = True
+    max_rows: int | None = Field(default=100, gt=0)
+    max_new_tokens: int = Field(default=48, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+
+
+class ScalingSpec(_Strict):
+    """Maps to Ray Train's ``ScalingConfig``: one worker per GPU or per CPU slot."""
+
+    num_workers: int = Field(default=1, gt=0)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+
+
+class FailureSpec(_Strict):
+    max_failures: int = Field(default=0, ge=-1)
+
+
+class TrackingSpec(_Strict):
+    """MLflow: a local SQLite store by default; a URI here or MLFLOW_TRACKING_URI overrides."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    uri: str | None = None
+    experiment: str = "raypeft"
+    artifact_location: str | None = None
+    register_adapter: bool = Field(default=True, alias="register")
+    registered_model_name: str | None = None
+
+
+class RunConfig(_Strict):
+    name: str = "raypeft"
+    seed: int = 0
+    output_dir: str = "outputs"
+    stages: list[Literal["sft"]] = Field(default=["sft"], min_length=1)
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    adapter: AdapterSpec = LoraSpec()
+    sft: SFTSpec = SFTSpec()
+    eval: EvalSpec = EvalSpec()
+    scaling: ScalingSpec = ScalingSpec()
+    failure: FailureSpec = FailureSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
+            raise ValueError("must be letters, digits, '_', '.', '-' (it names runs and folders)")
+        return v
+
+    # Resolved locations, made absolute on the driver so every worker agrees on them.
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return "sqlite:///" + str(Path("mlflow.db").resolve())
+
+    def artifact_location(self) -> str:
+        if self.tracking.artifact_location:
+            return self.tracking.artifact_location
+        return Path("mlartifacts").resolve().as_uri()
+
+    def registered_name(self, stage: str) -> str:
+        return self.tracking.registered_model_name or f"{self.name}-{stage}"
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _model_fields_at(model: type[BaseModel], data: Any, path: tuple) -> tuple[type[BaseModel] | None, Any]:
+    """Walk the schema along ``path`` so unknown keys can be answered with a did-you-mean."""
+    current: Any = model
+    node = data
+    for key in path:
+        if current is None or not isinstance(node, dict):
+            return None, None
+        if current is RunConfig and key == "adapter":
+            method = node.get("adapter", {}).get("method", "lora") if isinstance(node.get("adapter"), dict) else "lora"
+            current = ADAPTER_SPECS.get(method)
+            node = node.get(key)
+            continue
+        field = current.model_fields.get(key) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return None, None
+        ann = field.annotation
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        node = node.get(key)
+    return current, node
+
+
+def _format_error(err: dict, data: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ADAPTER_SPECS and err["loc"][0] == "adapter"))
+    path = ".".join(str(p) for p in loc) or "<root>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent, _ = _model_fields_at(RunConfig, data, loc[:-1])
+        known = sorted(parent.model_fields) if parent else []
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        tail = f"; did you mean '{hint[0]}'?" if hint else (f"; known keys: {', '.join(known)}" if known else "")
+        if loc[0] == "adapter" and parent is not None and not hint:
+            method = data.get("adapter", {}).get("method", "lora")
+            tail = f"; it is not a field of method '{method}' (fields: {', '.join(known)})"
+        return f"{path}: unknown key{tail}"
+    if kind == "union_tag_invalid":
+        method = (err.get("input") or {}).get("method")
+        return f"{path}.method: unknown method {_describe(method)}; expected one of {', '.join(ADAPTER_SPECS)}"
+    got = _describe(err.get("input"))
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"{path}: {msg[0].lower() + msg[1:]}, got {got}"
+
+
+def parse_config(data: Any, *, origin: str = "config") -> RunConfig:
+    """Validate a plain mapping into a ``RunConfig`` or raise ``ConfigError`` (one line)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    adapter = data.get("adapter")
+    if isinstance(adapter, dict) and "method" not in adapter:
+        data = {**data, "adapter": {"method": "lora", **adapter}}
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(_format_error(first, data)) from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--set a.b.c=value`` overrides; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item}: empty key segment")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: value is not valid YAML ({exc.problem})") from None
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: '{part}' is a {type(child).__name__}, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file, apply ``--set`` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: YAML syntax error at {where}: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: YAML syntax error: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    apply_overrides(data, overrides or [])
+    return parse_config(data, origin=str(path))
