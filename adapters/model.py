@@ -1,0 +1,322 @@
+"""``AdapterModel``: a transformers model with named adapters, exposing PEFT's ``PeftModel`` API.
+
+The wrapped model sits at ``self.base_model.model`` (as in PEFT), so ``AdapterModel.state_dict()``
+keys read ``base_model.model.<path>...`` exactly like a ``PeftModel``'s, which keeps full-model
+checkpoints and adapter files in one naming scheme.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, load_config
+from .injection import (
+    adapter_layers,
+    cast_adapter,
+    count_parameters,
+    delete_adapter,
+    inject_adapter,
+    set_active_adapter,
+    set_disabled,
+    unload,
+)
+from .serialization import (
+    LoadResult,
+    get_adapter_state_dict,
+    load_adapter_weights,
+    save_adapter_weights,
+    set_adapter_state_dict,
+)
+
+
+def _uses_activation_checkpointing(model: nn.Module) -> bool:
+    """transformers >= 5 names it ``is_activation_checkpointing`` (the old name warns)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+class TunerModel(nn.Module):
+    """Holds the adapted model as ``.model`` so parameter names match PEFT's ``LoraModel`` layout."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self._modules["model"], name)
+
+
+class AdapterModel(nn.Module):
+    """A model carrying one or more named adapters; one of them is active at a time.
+
+    Attribute access that ``AdapterModel`` cannot answer falls through to the wrapped model
+    (``config``, ``device``, ``generation_config``, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AdapterConfig,
+        adapter_name: str = "default",
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_model = TunerModel(model)
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self._active_adapter: str | None = None
+        self.add_adapter(adapter_name, config, adapter_dtype=adapter_dtype)
+        self.set_adapter(adapter_name)
+        if _uses_activation_checkpointing(model):
+            self.prepare_for_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ plumbing
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "peft_config", "_active_adapter"):
+                raise
+            base = self._modules.get("base_model")
+            if base is None:
+                raise
+            return getattr(base.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (with adapter layers inside)."""
+        return self.base_model.model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def prepare_for_gradient_checkpointing(self) -> None:
+        """Make the embedding output require grad so reentrant checkpointing reaches the adapters."""
+        model = self.get_base_model()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def active_adapter(self) -> str:
+        if self._active_adapter is None:
+            raise ValueError("no adapter is active")
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self._active_adapter is None else [self._active_adapter]
+
+    @property
+    def active_peft_config(self) -> AdapterConfig:
+        return self.peft_config[self.active_adapter]
+
+    def _require(self, adapter_name: str) -> AdapterConfig:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; have {list(self.peft_config)}")
+        return self.peft_config[adapter_name]
+
+    def _refresh_trainable(self) -> None:
+        if self._active_adapter is not None:
+            set_active_adapter(self.get_base_model(), self._active_adapter, self.peft_config[self._active_adapter])
+
+    def add_adapter(
+        self, adapter_name: str, config: AdapterConfig, adapter_dtype: torch.dtype | None = None
+    ) -> None:
+        """Inject a new adapter (inactive and frozen until :meth:`set_adapter`, as in PEFT).
+
+        The config is copied, so one config object can seed several adapters.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        config = config.copy()
+        root = self.get_base_model()
+        self.peft_config[adapter_name] = config
+        try:
+            inject_adapter(root, config, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            delete_adapter(root, adapter_name)
+            raise
+        if adapter_dtype is not None:
+            cast_adapter(root, adapter_name, adapter_dtype)
+        self._refresh_trainable()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one forward uses and the one that trains."""
+        config = self._require(adapter_name)
+        set_active_adapter(self.get_base_model(), adapter_name, config)
+        self._active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; if it was active, the first remaining adapter becomes active."""
+        self._require(adapter_name)
+        delete_adapter(self.get_base_model(), adapter_name)
+        del self.peft_config[adapter_name]
+        if self._active_adapter == adapter_name:
+            self._active_adapter = None
+            if self.peft_config:
+                self.set_adapter(next(iter(self.peft_config)))
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block (merged adapters are unmerged, then re-merged)."""
+        root = self.get_base_model()
+        merged = [(layer, list(layer.merged_adapters)) for _, layer in adapter_layers(root) if layer.merged]
+        for layer, _ in merged:
+            layer.unmerge()
+        set_disabled(root, True)
+        try:
+            yield
+        finally:
+            set_disabled(root, False)
+            for layer, names in merged:
+                layer.merge(names)
+
+    # ------------------------------------------------------------------ merging
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Fold the active (or given) adapters into the base weights; forward gets cheaper."""
+        for _, layer in adapter_layers(self.get_base_model()):
+            layer.merge(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights again."""
+        for _, layer in adapter_layers(self.get_base_model()):
+            layer.unmerge()
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        """Return the plain model with the active adapter merged and every wrapper removed."""
+        model = unload(self.get_base_model(), merge=True, adapter_names=adapter_names)
+        self.peft_config.clear()
+        self._active_adapter = None
+        return model
+
+    def unload(self) -> nn.Module:
+        """Return the plain model with every wrapper removed and no adapter applied."""
+        model = unload(self.get_base_model(), merge=False)
+        self.peft_config.clear()
+        self._active_adapter = None
+        return model
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counted the way PEFT counts them."""
+        return count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ------------------------------------------------------------------ state dicts
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Detached CPU copy of one adapter's weights with PEFT keys (default: the active one)."""
+        name = adapter_name or self.active_adapter
+        return get_adapter_state_dict(self.get_base_model(), name, self._require(name))
+
+    def load_adapter_state_dict(
+        self, state_dict: dict[str, torch.Tensor], adapter_name: str | None = None
+    ) -> LoadResult:
+        """Copy PEFT-format weights into an existing adapter (default: the active one)."""
+        name = adapter_name or self.active_adapter
+        return set_adapter_state_dict(self.get_base_model(), state_dict, name, self._require(name))
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+    ) -> None:
+        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        ``default`` goes to ``save_directory`` itself, any other adapter to
+        ``save_directory/<name>/`` -- PEFT's layout, so ``PeftModel`` can load either.
+        """
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._require(name)
+        if not is_main_process:
+            return
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file, expected a folder")
+        base_name = getattr(self.get_base_model(), "name_or_path", None) or None
+        for name in names:
+            out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
+            save_adapter_weights(self.adapter_state_dict(name), out_dir)
+            config = self.peft_config[name].copy(inference_mode=True)
+            if config.base_model_name_or_path is None and isinstance(base_name, str):
+                config.base_model_name_or_path = base_name
+            config.save_pretrained(out_dir)
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> LoadResult:
+        """Add adapter ``adapter_name`` from a folder (PEFT- or raypeft-written); not activated."""
+        config = load_config(model_id)
+        config.inference_mode = not is_trainable
+        weights = load_adapter_weights(model_id, allow_pickle=allow_pickle)
+        self.add_adapter(adapter_name, config, adapter_dtype=adapter_dtype)
+        try:
+            result = self.load_adapter_state_dict(weights, adapter_name)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        self._refresh_trainable()
+        return result
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> AdapterModel:
+        """Wrap ``model`` with the adapter saved in ``model_id`` and make it active."""
+        config = load_config(model_id)
+        config.inference_mode = not is_trainable
+        weights = load_adapter_weights(model_id, allow_pickle=allow_pickle)
+        wrapped = cls(model, config, adapter_name=adapter_name, adapter_dtype=adapter_dtype)
+        wrapped.load_adapter_state_dict(weights, adapter_name)
+        return wrapped
+
+
+def get_adapter_model(
+    model: nn.Module,
+    config: AdapterConfig,
+    adapter_name: str = "default",
+    adapter_dtype: torch.dtype | None = None,
+) -> AdapterModel:
+    """Wrap ``model`` with a fresh adapter described by ``config`` (PEFT's ``get_peft_model``).
+
+    Adapter tensors are created in the base weights' dtype unless ``adapter_dtype`` is given
+    (e.g. ``torch.float32`` master weights on a bf16 base).
+    """
+    return AdapterModel(model, config, adapter_name=adapter_name, adapter_dtype=adapter_dtype)
