@@ -1,4 +1,6 @@
-"""raypeft's own parameter-efficient fine-tuning library (LoRA), checkpoint-compatible with PEFT.
+"""raypeft's own parameter-efficient fine-tuning library, checkpoint-compatible with PEFT.
+
+Methods: LoRA, and the virtual-token methods prompt tuning, P-tuning and prefix tuning.
 
 Depends on torch, safetensors and (for GPT-2's ``Conv1D``) transformers -- never on ``peft``.
 """
@@ -8,7 +10,11 @@ from .layer import AdapterLayer
 from .lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
 from .model import AdapterModel, get_adapter_model
 from .modules_to_save import ModulesToSaveWrapper
+from .p_tuning import PromptEncoder, PromptEncoderConfig
+from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .serialization import LoadResult
+from .virtual_tokens import PromptLearningConfig
 
 __all__ = [
     "AdapterConfig",
@@ -20,6 +26,13 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "ModulesToSaveWrapper",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
     "TaskType",
     "config_class_for",
     "get_adapter_model",

@@ -1,9 +1,9 @@
 """Adapter configuration: the base dataclass, task types and the ``peft_type`` registry.
 
 Configs are stored as ``adapter_config.json`` using PEFT's field names, so an adapter trained here
-can be loaded by ``peft`` and vice versa. Every adapter method (LoRA today; IA3, prompt tuning, ...
-later) subclasses :class:`AdapterConfig` and registers itself with :func:`register_config`, which is
-how :func:`load_config` knows which class a folder's ``peft_type`` needs.
+can be loaded by ``peft`` and vice versa. Every adapter method (LoRA, prompt tuning, P-tuning,
+prefix tuning) subclasses :class:`AdapterConfig` and registers itself with :func:`register_config`,
+which is how :func:`load_config` knows which class a folder's ``peft_type`` needs.
 """
 
 from __future__ import annotations

@@ -33,6 +33,11 @@ from .serialization import (
     save_adapter_weights,
     set_adapter_state_dict,
 )
+from .virtual_tokens import PromptLearningConfig, virtual_forward, virtual_generate
+
+
+def _is_virtual(config: AdapterConfig) -> bool:
+    return isinstance(config, PromptLearningConfig)
 
 
 def _uses_activation_checkpointing(model: nn.Module) -> bool:
@@ -64,6 +69,10 @@ class TunerModel(nn.Module):
 class AdapterModel(nn.Module):
     """A model carrying one or more named adapters; one of them is active at a time.
 
+    Weight-space adapters (LoRA) live inside the wrapped model; virtual-token adapters (prompt
+    tuning, P-tuning, prefix tuning) keep their prompt encoder in ``prompt_encoder[<name>]``
+    (PEFT's layout) and change what ``forward``/``generate`` feed the model.
+
     Attribute access that ``AdapterModel`` cannot answer falls through to the wrapped model
     (``config``, ``device``, ``generation_config``, ...).
     """
@@ -77,8 +86,10 @@ class AdapterModel(nn.Module):
     ) -> None:
         super().__init__()
         self.base_model = TunerModel(model)
+        self.prompt_encoder = nn.ModuleDict()
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active_adapter: str | None = None
+        self._adapters_disabled = False
         self.add_adapter(adapter_name, config, adapter_dtype=adapter_dtype)
         self.set_adapter(adapter_name)
         if _uses_activation_checkpointing(model):
@@ -89,7 +100,7 @@ class AdapterModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "peft_config", "_active_adapter"):
+            if name in ("base_model", "prompt_encoder", "peft_config", "_active_adapter", "_adapters_disabled"):
                 raise
             base = self._modules.get("base_model")
             if base is None:
@@ -100,11 +111,26 @@ class AdapterModel(nn.Module):
         """The wrapped transformers model (with adapter layers inside)."""
         return self.base_model.model
 
+    def _active_virtual(self) -> PromptLearningConfig | None:
+        """The active adapter's config when it is a virtual-token one (and adapters are enabled)."""
+        if self._adapters_disabled or self._active_adapter is None:
+            return None
+        config = self.peft_config[self._active_adapter]
+        return config if isinstance(config, PromptLearningConfig) else None
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.model(*args, **kwargs)
+        config = self._active_virtual()
+        if config is None:
+            return self.base_model.model(*args, **kwargs)
+        encoder = self.prompt_encoder[self.active_adapter]
+        return virtual_forward(self.get_base_model(), config, encoder, *args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.model.generate(*args, **kwargs)
+        config = self._active_virtual()
+        if config is None:
+            return self.base_model.model.generate(*args, **kwargs)
+        encoder = self.prompt_encoder[self.active_adapter]
+        return virtual_generate(self.get_base_model(), config, encoder, *args, **kwargs)
 
     def prepare_for_gradient_checkpointing(self) -> None:
         """Make the embedding output require grad so reentrant checkpointing reaches the adapters."""
@@ -135,6 +161,12 @@ class AdapterModel(nn.Module):
     def _refresh_trainable(self) -> None:
         if self._active_adapter is not None:
             set_active_adapter(self.get_base_model(), self._active_adapter, self.peft_config[self._active_adapter])
+        self._refresh_prompt_encoders()
+
+    def _refresh_prompt_encoders(self) -> None:
+        """Only the active virtual-token adapter's encoder trains (and not in inference mode)."""
+        for name, encoder in self.prompt_encoder.items():
+            encoder.requires_grad_(name == self._active_adapter and not self.peft_config[name].inference_mode)
 
     def add_adapter(
         self, adapter_name: str, config: AdapterConfig, adapter_dtype: torch.dtype | None = None
@@ -147,6 +179,9 @@ class AdapterModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists")
         config = config.copy()
         root = self.get_base_model()
+        if _is_virtual(config):
+            self._add_virtual_adapter(adapter_name, config, adapter_dtype)
+            return
         self.peft_config[adapter_name] = config
         try:
             inject_adapter(root, config, adapter_name)
@@ -158,16 +193,48 @@ class AdapterModel(nn.Module):
             cast_adapter(root, adapter_name, adapter_dtype)
         self._refresh_trainable()
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one forward uses and the one that trains."""
+    def _add_virtual_adapter(
+        self, adapter_name: str, config: PromptLearningConfig, adapter_dtype: torch.dtype | None
+    ) -> None:
+        """Size ``config`` for the model and build its prompt encoder (fp32 unless ``adapter_dtype``, as PEFT)."""
+        model = self.get_base_model()
+        config.prepare_for_model(model)
+        word_embeddings = model.get_input_embeddings()
+        encoder = config.create_prompt_encoder(word_embeddings)
+        encoder.to(device=word_embeddings.weight.device, dtype=adapter_dtype)
+        encoder.requires_grad_(False)
+        self.peft_config[adapter_name] = config
+        self.prompt_encoder[adapter_name] = encoder
+        self._refresh_trainable()
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` the one forward uses and the one that trains.
+
+        A list must name exactly one adapter: several active adapters (in particular two
+        virtual-token adapters, or a virtual-token adapter with a LoRA) raise ``ValueError``.
+        """
+        if not isinstance(adapter_name, str):
+            names = list(adapter_name)
+            virtual = [n for n in names if _is_virtual(self._require(n))]
+            if len(virtual) > 1:
+                raise ValueError(f"cannot activate virtual-token adapters {virtual} together; at most one can be active")
+            if len(names) > 1 and virtual:
+                others = [n for n in names if n not in virtual]
+                raise ValueError(f"cannot activate virtual-token adapter {virtual[0]!r} together with {others}")
+            if len(names) != 1:
+                raise ValueError(f"AdapterModel activates one adapter at a time, got {names}")
+            adapter_name = names[0]
         config = self._require(adapter_name)
         set_active_adapter(self.get_base_model(), adapter_name, config)
         self._active_adapter = adapter_name
+        self._refresh_prompt_encoders()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; if it was active, the first remaining adapter becomes active."""
-        self._require(adapter_name)
-        delete_adapter(self.get_base_model(), adapter_name)
+        if _is_virtual(self._require(adapter_name)):
+            del self.prompt_encoder[adapter_name]
+        else:
+            delete_adapter(self.get_base_model(), adapter_name)
         del self.peft_config[adapter_name]
         if self._active_adapter == adapter_name:
             self._active_adapter = None
@@ -182,9 +249,11 @@ class AdapterModel(nn.Module):
         for layer, _ in merged:
             layer.unmerge()
         set_disabled(root, True)
+        self._adapters_disabled = True
         try:
             yield
         finally:
+            self._adapters_disabled = False
             set_disabled(root, False)
             for layer, names in merged:
                 layer.merge(names)
@@ -192,6 +261,7 @@ class AdapterModel(nn.Module):
     # ------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
         """Fold the active (or given) adapters into the base weights; forward gets cheaper."""
+        self._refuse_merge(adapter_names)
         for _, layer in adapter_layers(self.get_base_model()):
             layer.merge(adapter_names)
 
@@ -200,8 +270,20 @@ class AdapterModel(nn.Module):
         for _, layer in adapter_layers(self.get_base_model()):
             layer.unmerge()
 
+    def _refuse_merge(self, adapter_names: list[str] | None) -> None:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        virtual = [n for n in names if n in self.peft_config and _is_virtual(self.peft_config[n])]
+        if virtual:
+            raise ValueError(f"virtual-token adapter {virtual[0]!r} has no weights to merge into the model")
+
+    def _drop_prompt_encoders(self) -> None:
+        for name in list(self.prompt_encoder):
+            del self.prompt_encoder[name]
+
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
         """Return the plain model with the active adapter merged and every wrapper removed."""
+        self._refuse_merge(adapter_names)
+        self._drop_prompt_encoders()
         model = unload(self.get_base_model(), merge=True, adapter_names=adapter_names)
         self.peft_config.clear()
         self._active_adapter = None
@@ -210,6 +292,7 @@ class AdapterModel(nn.Module):
     def unload(self) -> nn.Module:
         """Return the plain model with every wrapper removed and no adapter applied."""
         model = unload(self.get_base_model(), merge=False)
+        self._drop_prompt_encoders()
         self.peft_config.clear()
         self._active_adapter = None
         return model
@@ -230,6 +313,8 @@ class AdapterModel(nn.Module):
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """Detached CPU copy of one adapter's weights with PEFT keys (default: the active one)."""
         name = adapter_name or self.active_adapter
+        if _is_virtual(self._require(name)):
+            return self.prompt_encoder[name].saved_state()
         return get_adapter_state_dict(self.get_base_model(), name, self._require(name))
 
     def load_adapter_state_dict(
@@ -237,6 +322,8 @@ class AdapterModel(nn.Module):
     ) -> LoadResult:
         """Copy PEFT-format weights into an existing adapter (default: the active one)."""
         name = adapter_name or self.active_adapter
+        if _is_virtual(self._require(name)):
+            return LoadResult([], self.prompt_encoder[name].load_saved(state_dict))
         return set_adapter_state_dict(self.get_base_model(), state_dict, name, self._require(name))
 
     # ------------------------------------------------------------------ files
@@ -278,7 +365,7 @@ class AdapterModel(nn.Module):
     ) -> LoadResult:
         """Add adapter ``adapter_name`` from a folder (PEFT- or raypeft-written); not activated."""
         config = load_config(model_id)
-        config.inference_mode = not is_trainable
+        config.inference_mode = _inference_mode_for_build(config, is_trainable)
         weights = load_adapter_weights(model_id, allow_pickle=allow_pickle)
         self.add_adapter(adapter_name, config, adapter_dtype=adapter_dtype)
         try:
@@ -286,6 +373,7 @@ class AdapterModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+        self.peft_config[adapter_name].inference_mode = not is_trainable
         self._refresh_trainable()
         return result
 
@@ -301,11 +389,20 @@ class AdapterModel(nn.Module):
     ) -> AdapterModel:
         """Wrap ``model`` with the adapter saved in ``model_id`` and make it active."""
         config = load_config(model_id)
-        config.inference_mode = not is_trainable
+        config.inference_mode = _inference_mode_for_build(config, is_trainable)
         weights = load_adapter_weights(model_id, allow_pickle=allow_pickle)
         wrapped = cls(model, config, adapter_name=adapter_name, adapter_dtype=adapter_dtype)
         wrapped.load_adapter_state_dict(weights, adapter_name)
+        if wrapped.peft_config[adapter_name].inference_mode != (not is_trainable):
+            wrapped.peft_config[adapter_name].inference_mode = not is_trainable
+            wrapped._refresh_trainable()
         return wrapped
+
+
+def _inference_mode_for_build(config: AdapterConfig, is_trainable: bool) -> bool:
+    """Virtual-token adapters from a file are built in PEFT's inference layout (the file holds the
+    encoder's output, not its MLP/LSTM/projection head) and only then made trainable if asked."""
+    return True if _is_virtual(config) else not is_trainable
 
 
 def get_adapter_model(

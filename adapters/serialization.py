@@ -9,6 +9,8 @@ stripped so an adapter can be loaded under any name):
   ``modules_to_save`` segment (older PEFT wrote ``<path>.modules_to_save.<param>``; read too)
 * ``bias="all"``:        every ``*.bias`` under its model path (``<wrapped>.base_layer.bias`` for
   wrapped modules); ``bias="lora_only"``: ``<path>.base_layer.bias`` of adapted modules.
+* Virtual-token methods (prompt tuning, P-tuning, prefix tuning): a single ``prompt_embeddings``
+  tensor, the prompt encoder's output (see :mod:`adapters.virtual_tokens`).
 
 Weights are stored as ``adapter_model.safetensors``. Pickled ``adapter_model.bin`` files are
 refused unless the caller opts in, because unpickling runs code.
