@@ -1,0 +1,22 @@
+"""The embedded demo: a generated dialogue-summary corpus and a tiny warmed-up Llama, offline.
+
+``ensure_demo_assets()`` builds them once (about a minute on a laptop CPU) into
+``$RAYPEFT_CACHE`` or ``~/.cache/raypeft`` and returns their paths.
+"""
+
+from pipeline.demo.assets import (DATA_FILES, DEMO_COLUMNS, DEMO_PROMPT_TEMPLATE, DEMO_RESPONSE_PREFIX, DemoAssets,
+                                  build_demo_assets, default_cache_dir, ensure_demo_assets)
+from pipeline.demo.settings import DEMO_FORMAT_VERSION, DemoSettings
+
+__all__ = [
+    "DATA_FILES",
+    "DEMO_COLUMNS",
+    "DEMO_FORMAT_VERSION",
+    "DEMO_PROMPT_TEMPLATE",
+    "DEMO_RESPONSE_PREFIX",
+    "DemoAssets",
+    "DemoSettings",
+    "build_demo_assets",
+    "default_cache_dir",
+    "ensure_demo_assets",
+]
