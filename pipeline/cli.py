@@ -1,0 +1,73 @@
+"""``raypeft``: the command line.
+
+Exit codes: 0 done; 2 bad input (config, data, adapter reference, tracking store), reported as
+one line before anything is started or written; 1 a failure while training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raypeft", description="Distributed PEFT instruction tuning and RLHF on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a workflow (its stages in order) from a YAML config")
+    run.add_argument("config", help="path to the YAML config")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set adapter.r=16 (repeatable)")
+    run.add_argument("--stage", action="append", default=None,
+                     help="run only this stage (repeatable); its inputs must already exist")
+    check = sub.add_parser("validate", help="check a config, its model, adapter targets and data; start nothing")
+    check.add_argument("config")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.data import DataError
+    from pipeline.tracking import TrackingError
+
+    return (ConfigError, DataError, TrackingError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "validate":
+            from pipeline.workflow import preflight
+
+            preflight(cfg)
+            print(f"{args.config}: ok")
+            return 0
+        if args.stage:
+            unknown = [s for s in args.stage if s not in cfg.stages]
+            if unknown:
+                raise ConfigError(f"--stage {unknown[0]}: not a stage of this config (stages: {', '.join(cfg.stages)})")
+        from pipeline.workflow import run_workflow
+
+        outcomes = run_workflow(cfg, args.stage)
+    except _input_errors() as exc:
+        print(f"raypeft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raypeft: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a training failure: one line here, the traceback is in the Ray log
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"raypeft: stage failed: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
+    for o in outcomes:
+        shown = {k: round(v, 4) for k, v in o.metrics.items()
+                 if isinstance(v, (int, float)) and ("rouge" in k or k in ("train_seconds", "tokens_per_s"))
+                 and "/rank" not in k}
+        print(f"[raypeft] {o.stage}: {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

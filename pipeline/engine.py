@@ -1,0 +1,198 @@
+"""The Ray Train engine that every stage's training loop runs in.
+
+Driver side: ``init_ray`` joins the cluster a ``ray job submit`` driver already belongs to (or
+starts a private local one), and ``fit`` runs a stage's per-worker loop in a ``TorchTrainer``
+with the YAML's ``ScalingConfig`` and ``FailureConfig``.
+
+Worker side: the small set of collective helpers the loops share (rank, device, DDP over gloo
+on CPU / NCCL on GPU, gathers, the optimiser and schedule), so each stage only writes its loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import RunConfig
+
+
+# ------------------------------------------------------------------------------- driver
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the Ray cluster this process belongs to, or start a local one.
+
+    Under ``ray job submit`` (or with RAY_ADDRESS set) ``ray.init()`` joins that cluster. A
+    plain ``raypeft run`` on a laptop starts a private instance without the dashboard: nothing
+    listens on the network unless the user asked for a cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
+    if os.environ.get("RAY_ADDRESS") or Path("/tmp/ray/ray_current_cluster").exists():
+        ray.init(**kwargs)
+    else:
+        # The dashboard process also serves the State API that Ray Train's controller polls;
+        # bound to loopback it is reachable from this machine only.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+
+
+def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name: str):
+    """Run ``loop(payload)`` on every worker of a ``TorchTrainer`` and return Ray's ``Result``.
+
+    ``run_name`` names the Ray Train run folder under ``<output_dir>/<name>/ray``; re-using a
+    name resumes from its latest checkpoint, which is how a restarted worker group continues.
+    """
+    from ray.train import FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = cfg.scaling.resources_per_worker
+    if resources is None and not cfg.scaling.use_gpu:
+        resources = {"CPU": 1}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RayRunConfig(
+            name=run_name,
+            storage_path=str(cfg.output_path() / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    return trainer.fit()
+
+
+# ------------------------------------------------------------------------------- worker
+
+@dataclass(frozen=True)
+class Worker:
+    """Where this copy of the loop runs."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def say(message: str) -> None:
+    """One progress line on the worker's real stdout.
+
+    Ray Train patches ``print`` to go through its logger and also tees it to ``sys.stdout``
+    when a library has wrapped that stream, which shows every line twice on the driver.
+    """
+    print(message, file=sys.__stdout__, flush=True)
+
+
+def quiet_libraries() -> None:
+    """No per-worker progress bars for weight loading and dataset maps: the step log is the progress."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    # Ray Train logs every report with its whole metrics dict at INFO; its logger is named
+    # after its source file, so find it by that name rather than importing a private module.
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(os.path.join("execution", "context.py")):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's "Using default tokenizer."
+
+
+def setup_worker(cfg: RunConfig) -> Worker:
+    """Seed, thread count and device for this worker.
+
+    Ray gives a CPU worker ``resources_per_worker["CPU"]`` slots; torch would otherwise spawn a
+    thread per core of the node and the workers would fight over the same cores.
+    """
+    import ray.train
+    import ray.train.torch
+
+    quiet_libraries()
+    ctx = ray.train.get_context()
+    cpus = (cfg.scaling.resources_per_worker or {}).get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    torch.manual_seed(cfg.seed + ctx.get_world_rank())
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    return Worker(ctx.get_world_rank(), ctx.get_world_size(), device)
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every worker's ``obj``, in rank order (a one-element list without a process group)."""
+    if not distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce(values: list[float], op: str = "mean", device: torch.device | None = None) -> list[float]:
+    """Reduce a few scalars across workers (loss means, token sums) in one collective."""
+    if not distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device or torch.device("cpu"))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    if op == "mean":
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def barrier() -> None:
+    if distributed():
+        dist.barrier()
+
+
+def wrap_ddp(model: torch.nn.Module, worker: Worker) -> torch.nn.Module:
+    """DDP over the trainable (adapter) parameters; the frozen base is never all-reduced."""
+    if worker.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [worker.device.index] if worker.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters only: the optimiser state is adapter-sized."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the model has no trainable parameters: the adapter did not attach")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then constant, linear or cosine decay to zero at ``total_steps``."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,97 @@
+"""Loading the shared base model and putting an adapter on it.
+
+``name_or_path: demo`` is the embedded Llama built by ``pipeline.demo``; anything else goes to
+``transformers`` as a hub id or a local folder, so real users name real models. The same
+functions build a weightless skeleton on the meta device, which lets the driver check
+``target_modules`` against the real module names before Ray starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
+                          PreTrainedModel, PreTrainedTokenizerBase)
+
+from adapters import AdapterModel, LoraConfig, get_adapter_model
+from pipeline.config import ConfigError, LoraSpec, ModelSpec
+
+DEMO_MODEL = "demo"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(spec: ModelSpec) -> str:
+    """The path or hub id transformers should load; builds the demo assets on first use."""
+    if spec.name_or_path == DEMO_MODEL:
+        from pipeline.demo import ensure_demo_assets
+
+        return str(ensure_demo_assets().model_dir)
+    local = Path(spec.name_or_path).expanduser()
+    return str(local.resolve()) if local.exists() else spec.name_or_path
+
+
+def _auto_class(spec: ModelSpec):
+    return AutoModelForSeq2SeqLM if spec.task_type == "SEQ_2_SEQ_LM" else AutoModelForCausalLM
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer, with a pad token (many causal LMs ship none; eos stands in)."""
+    path = spec.tokenizer or resolve_model_path(spec)
+    tok = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ConfigError(f"model.tokenizer: {path} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Load the base weights once; every role of a stage is an adapter over this object."""
+    model = _auto_class(spec).from_pretrained(
+        resolve_model_path(spec),
+        revision=spec.revision,
+        dtype=_DTYPES[spec.dtype],
+        trust_remote_code=spec.trust_remote_code,
+    )
+    return model.to(device)
+
+
+def skeleton_model(spec: ModelSpec) -> PreTrainedModel:
+    """The architecture on the meta device: module names without loading any weight."""
+    config = AutoConfig.from_pretrained(resolve_model_path(spec), revision=spec.revision,
+                                        trust_remote_code=spec.trust_remote_code)
+    with torch.device("meta"):
+        return _auto_class(spec).from_config(config, trust_remote_code=spec.trust_remote_code)
+
+
+def adapter_config(adapter: LoraSpec, model: ModelSpec) -> LoraConfig:
+    """The library config for a YAML adapter block."""
+    return LoraConfig(
+        task_type=model.task_type,
+        base_model_name_or_path=model.name_or_path,
+        **adapter.adapter_kwargs(),
+    )
+
+
+def attach_adapter(base: PreTrainedModel, adapter: LoraSpec, model: ModelSpec, *,
+                   init_dir: str | Path | None = None, adapter_name: str = "default") -> AdapterModel:
+    """Wrap ``base`` with a trainable adapter: fresh from the YAML, or continued from ``init_dir``."""
+    if init_dir is not None:
+        return AdapterModel.from_pretrained(base, str(init_dir), adapter_name=adapter_name, is_trainable=True)
+    return get_adapter_model(base, adapter_config(adapter, model), adapter_name=adapter_name)
+
+
+def check_adapter_targets(adapter: LoraSpec, model: ModelSpec) -> None:
+    """Fail on the driver, before Ray starts, if ``target_modules`` names no module of the base."""
+    if adapter.init_from is not None:
+        return
+    skeleton = skeleton_model(model)
+    try:
+        get_adapter_model(skeleton, adapter_config(adapter, model))
+    except ValueError as exc:
+        message = str(exc).splitlines()[0]
+        if not message.startswith("adapter."):
+            message = f"adapter.target_modules: {message}"
+        raise ConfigError(message) from None
