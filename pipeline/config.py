@@ -72,7 +72,21 @@ class DataSpec(_Strict):
         return v
 
 
-class LoraSpec(_Strict):
+class _AdapterSpecBase(_Strict):
+    """Fields every adapter method shares; the rest of a spec maps one-to-one to its config class."""
+
+    init_from: str | None = None
+
+    def adapter_kwargs(self) -> dict[str, Any]:
+        """Fields that belong to the adapter config (everything but pipeline-only keys)."""
+        return self.model_dump(exclude={"method", "init_from"})
+
+    def registry_tags(self) -> dict[str, Any]:
+        """The hyperparameters that identify this adapter in the registry and in sweeps."""
+        return {"method": self.method}
+
+
+class LoraSpec(_AdapterSpecBase):
     """LoRA with PEFT's field names, so a YAML block reads like a ``LoraConfig``."""
 
     method: Literal["lora"] = "lora"
@@ -84,15 +98,57 @@ class LoraSpec(_Strict):
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
     init_lora_weights: bool | Literal["gaussian"] = True
-    init_from: str | None = None
 
-    def adapter_kwargs(self) -> dict[str, Any]:
-        """Fields that belong to the adapter config (everything but pipeline-only keys)."""
-        return self.model_dump(exclude={"method", "init_from"})
+    def registry_tags(self) -> dict[str, Any]:
+        return {"method": self.method, "r": self.r, "lora_alpha": self.lora_alpha}
 
 
-AdapterSpec = Annotated[Union[LoraSpec], Field(discriminator="method")]
-ADAPTER_SPECS: dict[str, type[_Strict]] = {"lora": LoraSpec}
+class _VirtualTokenSpec(_AdapterSpecBase):
+    """Methods that learn virtual tokens; PEFT fills token_dim, num_layers, ... from the model."""
+
+    num_virtual_tokens: int = Field(default=20, gt=0)
+
+    def registry_tags(self) -> dict[str, Any]:
+        return {"method": self.method, "num_virtual_tokens": self.num_virtual_tokens}
+
+
+class PromptSpec(_VirtualTokenSpec):
+    """Prompt tuning (``PromptTuningConfig``): learned input embeddings prepended to every row."""
+
+    method: Literal["prompt"] = "prompt"
+    prompt_tuning_init: Literal["RANDOM", "TEXT", "SAMPLE_VOCAB"] = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+
+    @field_validator("prompt_tuning_init_text")
+    @classmethod
+    def _text_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+
+class PrefixSpec(_VirtualTokenSpec):
+    """Prefix tuning (``PrefixTuningConfig``): learned key/value prefixes in every layer."""
+
+    method: Literal["prefix"] = "prefix"
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = Field(default=None, gt=0)
+
+
+class PTuningSpec(_VirtualTokenSpec):
+    """P-tuning (``PromptEncoderConfig``): virtual tokens produced by a small MLP or LSTM."""
+
+    method: Literal["ptuning"] = "ptuning"
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
+    encoder_hidden_size: int | None = Field(default=None, gt=0)
+    encoder_num_layers: int = Field(default=2, gt=0)
+    encoder_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+AdapterSpec = Annotated[Union[LoraSpec, PromptSpec, PrefixSpec, PTuningSpec], Field(discriminator="method")]
+ADAPTER_SPECS: dict[str, type[_AdapterSpecBase]] = {
+    "lora": LoraSpec, "prompt": PromptSpec, "prefix": PrefixSpec, "ptuning": PTuningSpec,
+}
 
 
 class SFTSpec(_Strict):

@@ -14,8 +14,9 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
-from adapters import AdapterModel, LoraConfig, get_adapter_model
-from pipeline.config import ConfigError, LoraSpec, ModelSpec
+from adapters import (AdapterConfig, AdapterModel, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
+                      PromptTuningConfig, get_adapter_model)
+from pipeline.config import AdapterSpec, ConfigError, ModelSpec, PromptSpec
 
 DEMO_MODEL = "demo"
 
@@ -66,16 +67,34 @@ def skeleton_model(spec: ModelSpec) -> PreTrainedModel:
         return _auto_class(spec).from_config(config, trust_remote_code=spec.trust_remote_code)
 
 
-def adapter_config(adapter: LoraSpec, model: ModelSpec) -> LoraConfig:
-    """The library config for a YAML adapter block."""
-    return LoraConfig(
+# The library config class behind each YAML ``adapter.method``.
+ADAPTER_CONFIGS: dict[str, type[AdapterConfig]] = {
+    "lora": LoraConfig,
+    "prompt": PromptTuningConfig,
+    "prefix": PrefixTuningConfig,
+    "ptuning": PromptEncoderConfig,
+}
+
+
+def adapter_config(adapter: AdapterSpec, model: ModelSpec) -> AdapterConfig:
+    """The library config for a YAML adapter block.
+
+    Prompt tuning initialised from text needs the tokenizer that encodes that text: the
+    model's own (``model.tokenizer`` or the model folder), as PEFT's ``tokenizer_name_or_path``.
+    """
+    kwargs = adapter.adapter_kwargs()
+    if isinstance(adapter, PromptSpec) and adapter.prompt_tuning_init == "TEXT":
+        if not adapter.prompt_tuning_init_text:
+            raise ConfigError("adapter.prompt_tuning_init_text: required when prompt_tuning_init is TEXT")
+        kwargs["tokenizer_name_or_path"] = model.tokenizer or resolve_model_path(model)
+    return ADAPTER_CONFIGS[adapter.method](
         task_type=model.task_type,
         base_model_name_or_path=model.name_or_path,
-        **adapter.adapter_kwargs(),
+        **kwargs,
     )
 
 
-def attach_adapter(base: PreTrainedModel, adapter: LoraSpec, model: ModelSpec, *,
+def attach_adapter(base: PreTrainedModel, adapter: AdapterSpec, model: ModelSpec, *,
                    init_dir: str | Path | None = None, adapter_name: str = "default") -> AdapterModel:
     """Wrap ``base`` with a trainable adapter: fresh from the YAML, or continued from ``init_dir``."""
     if init_dir is not None:
@@ -83,13 +102,20 @@ def attach_adapter(base: PreTrainedModel, adapter: LoraSpec, model: ModelSpec, *
     return get_adapter_model(base, adapter_config(adapter, model), adapter_name=adapter_name)
 
 
-def check_adapter_targets(adapter: LoraSpec, model: ModelSpec) -> None:
-    """Fail on the driver, before Ray starts, if ``target_modules`` names no module of the base."""
+def check_adapter_targets(adapter: AdapterSpec, model: ModelSpec) -> None:
+    """Fail on the driver, before Ray starts, if the adapter cannot go on this base.
+
+    Builds it on a weightless skeleton: an unknown ``target_modules`` entry, or a virtual-token
+    method on a model whose config lacks what it needs, fails here instead of in every worker.
+    """
     if adapter.init_from is not None:
         return
+    config = adapter_config(adapter, model)
+    if getattr(config, "prompt_tuning_init", "RANDOM") != "RANDOM":
+        config = config.copy(prompt_tuning_init="RANDOM")  # text/vocab init reads real embeddings
     skeleton = skeleton_model(model)
     try:
-        get_adapter_model(skeleton, adapter_config(adapter, model))
+        get_adapter_model(skeleton, config)
     except ValueError as exc:
         message = str(exc).splitlines()[0]
         if not message.startswith("adapter."):

@@ -99,7 +99,7 @@ def run_stage(cfg: RunConfig, stage: str, *, experiment_id: str, parent_run_id: 
             a = cfg.adapter
             version = tracking.register_adapter(
                 cfg.registered_name(stage), source, run_id,
-                tags={"method": a.method, "r": a.r, "lora_alpha": a.lora_alpha, "stage": stage,
+                tags={**a.registry_tags(), "stage": stage,
                       "base_model": cfg.model.name_or_path, "workflow": cfg.name},
                 description=f"{a.method} adapter from the {stage} stage of {cfg.name}",
             )

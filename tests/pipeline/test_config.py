@@ -22,7 +22,16 @@ REPO = Path(__file__).resolve().parents[2]
         ({"adapter": {"lora_dropout": 1.0}}, "adapter.lora_dropout: input should be less than 1"),
         ({"adapter": {"lora_dropout": -0.1}}, "adapter.lora_dropout: input should be greater than or equal to 0"),
         ({"adapter": {"num_virtual_tokens": 8}}, "adapter.num_virtual_tokens: unknown key; it is not a field of method 'lora'"),
-        ({"adapter": {"method": "nope"}}, "adapter.method: unknown method 'nope'; expected one of lora"),
+        ({"adapter": {"method": "nope"}}, "adapter.method: unknown method 'nope'; expected one of lora, prompt, prefix, ptuning"),
+        ({"adapter": {"method": "prompt", "r": 8}}, "adapter.r: unknown key; it is not a field of method 'prompt'"),
+        ({"adapter": {"method": "prefix", "num_virtual_tokens": 0}},
+         "adapter.num_virtual_tokens: input should be greater than 0, got 0"),
+        ({"adapter": {"method": "ptuning", "encoder_reparameterization_type": "GRU"}},
+         "adapter.encoder_reparameterization_type: input should be 'MLP' or 'LSTM'"),
+        ({"adapter": {"method": "prompt", "prompt_tuning_init": "WORDS"}},
+         "adapter.prompt_tuning_init: input should be 'RANDOM', 'TEXT' or 'SAMPLE_VOCAB'"),
+        ({"adapter": {"method": "prefix", "num_virtual_tokns": 4}},
+         "adapter.num_virtual_tokns: unknown key; did you mean 'num_virtual_tokens'?"),
         ({"adapter": {"bias": "some"}}, "adapter.bias: input should be 'none', 'all' or 'lora_only'"),
         ({"sft": {"learning_rate": 0}}, "sft.learning_rate: input should be greater than 0"),
         ({"sft": {"batch_size": 2.5}}, "sft.batch_size: input should be a valid integer"),
@@ -109,3 +118,33 @@ def test_shipped_configs_are_valid() -> None:
     assert configs, "configs/ holds no YAML"
     for path in configs:
         load_config(path)
+
+
+@pytest.mark.parametrize("method, config_class, fields", [
+    ("prompt", "PromptTuningConfig", {"num_virtual_tokens": 12}),
+    ("prefix", "PrefixTuningConfig", {"num_virtual_tokens": 6, "prefix_projection": True, "encoder_hidden_size": 32}),
+    ("ptuning", "PromptEncoderConfig", {"num_virtual_tokens": 4, "encoder_reparameterization_type": "LSTM"}),
+])
+def test_virtual_token_methods_map_to_library_configs(method: str, config_class: str, fields: dict) -> None:
+    from pipeline.modeling import adapter_config
+
+    cfg = parse_config({"adapter": {"method": method, **fields}, "model": {"task_type": "SEQ_2_SEQ_LM"}})
+    lib = adapter_config(cfg.adapter, cfg.model)
+    assert type(lib).__name__ == config_class
+    assert lib.task_type == "SEQ_2_SEQ_LM"
+    for key, value in fields.items():
+        assert getattr(lib, key) == value
+    assert cfg.adapter.registry_tags() == {"method": method, "num_virtual_tokens": fields["num_virtual_tokens"]}
+
+
+def test_prompt_tuning_text_init_needs_text_and_uses_the_model_tokenizer() -> None:
+    from pipeline.modeling import adapter_config
+
+    cfg = parse_config({"model": {"name_or_path": "/models/m", "tokenizer": "/models/tok"},
+                        "adapter": {"method": "prompt", "prompt_tuning_init": "TEXT",
+                                    "prompt_tuning_init_text": "Summarize the chat"}})
+    lib = adapter_config(cfg.adapter, cfg.model)
+    assert lib.tokenizer_name_or_path == "/models/tok" and lib.prompt_tuning_init_text == "Summarize the chat"
+    bare = parse_config({"adapter": {"method": "prompt", "prompt_tuning_init": "TEXT"}})
+    with pytest.raises(ConfigError, match="adapter.prompt_tuning_init_text: required"):
+        adapter_config(bare.adapter, bare.model)
