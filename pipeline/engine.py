@@ -172,6 +172,27 @@ def wrap_ddp(model: torch.nn.Module, worker: Worker) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over workers, in one flat all-reduce.
+
+    The reward, DPO and PPO loops switch roles (adapters) inside one step, and a PPO step trains
+    two roles at once; DDP's hooks assume every backward comes from one forward of one module
+    with a fixed set of parameters. One explicit all-reduce after backward does the same
+    averaging without those assumptions. A parameter without a gradient counts as zero.
+    """
+    if not distributed() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
