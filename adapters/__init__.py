@@ -1,6 +1,6 @@
 """raypeft's own parameter-efficient fine-tuning library, checkpoint-compatible with PEFT.
 
-Methods: LoRA, and the virtual-token methods prompt tuning, P-tuning and prefix tuning.
+Methods: LoRA (with DoRA, and on bitsandbytes 4-/8-bit bases), and the virtual-token methods prompt tuning, P-tuning and prefix tuning.
 
 Depends on torch, safetensors and (for GPT-2's ``Conv1D``) transformers -- never on ``peft``.
 """
@@ -13,6 +13,7 @@ from .modules_to_save import ModulesToSaveWrapper
 from .p_tuning import PromptEncoder, PromptEncoderConfig
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
+from .quantization import prepare_model_for_kbit_training, quantize_linear_layers
 from .serialization import LoadResult
 from .virtual_tokens import PromptLearningConfig
 
@@ -37,5 +38,7 @@ __all__ = [
     "config_class_for",
     "get_adapter_model",
     "load_config",
+    "prepare_model_for_kbit_training",
+    "quantize_linear_layers",
     "register_config",
 ]

@@ -128,9 +128,9 @@ class AdapterConfig:
     def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
         """Build a config from a dict, ignoring keys this class does not know.
 
-        PEFT writes many keys we do not implement (``peft_version``, ``use_dora``, ...); dropping
+        PEFT writes many keys we do not implement (``peft_version``, ``lora_bias``, ...); dropping
         them keeps its configs loadable. Loading a config whose unknown keys *change behaviour*
-        (e.g. ``use_dora: true``) is refused by the subclass's ``_check_unsupported``.
+        (e.g. ``lora_bias: true``) is refused by the subclass's ``_check_unsupported``.
         """
         if cls is AdapterConfig or not cls.PEFT_TYPE:
             peft_type = data.get("peft_type")

@@ -1,9 +1,22 @@
-"""LoRA: config and the layers wrapping ``nn.Linear``, GPT-2's ``Conv1D`` and ``nn.Embedding``.
+"""LoRA and DoRA: config and the layers wrapping ``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Embedding``
+and bitsandbytes' quantized ``Linear4bit`` / ``Linear8bitLt`` (QLoRA).
 
 The update is ``W x + b + scaling * B A dropout(x)`` with ``scaling = alpha / r`` (or
 ``alpha / sqrt(r)`` for rsLoRA). Parameter and attribute names follow PEFT (``lora_A``,
-``lora_B``, ``lora_embedding_A``, ``lora_embedding_B``, ``base_layer``) so that checkpoints are
-interchangeable with ``peft``.
+``lora_B``, ``lora_embedding_A``, ``lora_embedding_B``, ``lora_magnitude_vector``,
+``base_layer``) so that checkpoints are interchangeable with ``peft``.
+
+DoRA (``use_dora=True``, Liu et al. 2024) re-parameterises the adapted weight as magnitude times
+direction: ``W' = m * (W + s B A) / ||W + s B A||`` where the norm is taken per output feature
+(the L2 norm of each row of the ``(out, in)`` matrix, PEFT's "column norm" of the paper's
+``(in, out)`` layout) and is detached from the graph as the paper's section 4.3 and PEFT do. ``m``
+starts at that norm, so a fresh DoRA adapter equals its LoRA counterpart. Forward adds
+``(f - 1) * (W x) + f * s * B A x`` with ``f = m / norm`` to the base output, which is exactly
+``W' x + b`` without materialising ``W'``.
+
+On a quantized base the base output comes from bitsandbytes and the adapter runs in the layer's
+compute dtype; merging dequantizes, merges and re-quantizes with the layer's own settings, and
+unmerging restores the original quantized tensor exactly (see :mod:`adapters.quantization`).
 """
 
 from __future__ import annotations
@@ -12,12 +25,14 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quantization as quant
 from .config import AdapterConfig, register_config
 from .layer import AdapterLayer
 
@@ -33,7 +48,6 @@ _BIAS_CHOICES = ("none", "all", "lora_only")
 # PEFT LoraConfig keys that change the math; loading a config that enables one is refused rather
 # than silently producing a different model.
 _UNSUPPORTED_IF_SET: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "use_qalora": False,
     "target_parameters": None,
@@ -61,6 +75,8 @@ class LoraConfig(AdapterConfig):
     module name) or ``"all-linear"`` (every Linear/Conv1D except the output head).
     ``init_lora_weights``: ``True`` (A kaiming-uniform, B zero -> the model starts unchanged),
     ``"gaussian"`` (A ~ N(0, 1/r)), or ``False`` (both random, a non-zero update; for tests).
+    ``use_dora``: weight-decomposed LoRA (a trainable per-output magnitude ``lora_magnitude_vector``
+    on top of the low-rank direction update); Linear, Conv1D, Embedding and quantized Linear.
     """
 
     PEFT_TYPE: ClassVar[str] = "LORA"
@@ -80,9 +96,12 @@ class LoraConfig(AdapterConfig):
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig: use_dora must be true or false, got {self.use_dora!r}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
@@ -131,13 +150,17 @@ class LoraConfig(AdapterConfig):
     # ------------------------------------------------------------------ layer factory
     def create_layer(self, target: nn.Module, adapter_name: str, module_name: str) -> AdapterLayer:
         if isinstance(target, nn.Embedding):
+            if quant.is_quantized(target):
+                raise TypeError(
+                    f"LoRA cannot wrap the quantized embedding {module_name!r}; keep embeddings unquantized"
+                )
             layer: AdapterLayer = LoraEmbedding(target)
         elif isinstance(target, nn.Linear) or (Conv1D is not None and isinstance(target, Conv1D)):
-            layer = LoraLinear(target)
+            layer = LoraLinear(target)  # bitsandbytes Linear4bit / Linear8bitLt are nn.Linear subclasses
         else:
             raise TypeError(
                 f"LoRA cannot wrap {module_name!r} of type {type(target).__name__}; "
-                "supported: Linear, Conv1D, Embedding"
+                "supported: Linear, Conv1D, Embedding, bitsandbytes Linear4bit/Linear8bitLt"
             )
         self.update_layer(layer, adapter_name, module_name)
         return layer
@@ -157,14 +180,36 @@ class LoraConfig(AdapterConfig):
             scaling=self.scaling_for(module_name),
             dropout=float(self.lora_dropout),
             init=self.init_lora_weights,
+            use_dora=self.use_dora,
         )
 
     def layer_class(self) -> type[AdapterLayer]:
         return LoraLayer
 
 
+class _Magnitude(nn.Module):
+    """DoRA's per-output magnitude, held as ``.weight`` so parameter names match PEFT's
+    (``lora_magnitude_vector.<adapter>.weight``); saved as ``<path>.lora_magnitude_vector``."""
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+def _matmul(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``b @ a``; half precision on CPU goes through float32 (slow and lossy there otherwise)."""
+    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
+        return (b.float() @ a.float()).to(a.dtype)
+    return b @ a
+
+
 class LoraLayer(AdapterLayer):
-    """Common LoRA state: rank, scaling and dropout per adapter."""
+    """Common LoRA state: rank, scaling, dropout and (DoRA) magnitude per adapter; merging.
+
+    Subclasses work in an ``(out, in)`` view of the base weight (:meth:`_weight_oi`) so that merging
+    and DoRA's norms are written once for Linear, Conv1D (stored ``(in, out)``) and Embedding
+    (``(num_embeddings, dim)``, whose "output" is the embedding dimension).
+    """
 
     other_param_names: ClassVar[tuple[str, ...]] = ("r", "scaling", "lora_dropout")
 
@@ -173,16 +218,28 @@ class LoraLayer(AdapterLayer):
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         # adapters whose dropout p > 0: the only ones that pay for a dropout call
         self._dropout_on: set[str] = set()
+        # DoRA factors m / ||W0 + dW|| of merged DoRA adapters (what unmerging must divide out)
+        self._dora_factors: dict[str, torch.Tensor] = {}
+        # the original quantized weight while adapters are merged into a quantized base
+        self._quant_snapshot: tuple[Any, ...] | None = None
+        self._dora_forward = False
 
+    # ------------------------------------------------------------------ creation
     def _factory_kwargs(self) -> dict[str, Any]:
-        """Adapters live on the base weight's device, in its dtype when that is floating point."""
+        """Adapters live on the base weight's device, in its dtype when that is floating point, or in
+        the compute dtype of a quantized base (QLoRA)."""
         weight = self.base_layer.weight
+        if quant.is_quantized(self.base_layer):
+            return {"device": weight.device, "dtype": quant.compute_dtype(self.base_layer)}
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         return {"device": weight.device, "dtype": dtype}
 
-    def add_adapter(self, adapter_name: str, *, r: int, scaling: float, dropout: float, init: bool | str) -> None:
+    def add_adapter(
+        self, adapter_name: str, *, r: int, scaling: float, dropout: float, init: bool | str, use_dora: bool = False
+    ) -> None:
         if adapter_name in self.adapter_names:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
         self.r[adapter_name] = r
@@ -191,11 +248,21 @@ class LoraLayer(AdapterLayer):
         if dropout > 0:
             self._dropout_on.add(adapter_name)
         self._create_tensors(adapter_name, r, init)
+        if use_dora:
+            self._init_magnitude(adapter_name)
         if adapter_name not in self.active_adapters:
             # a new adapter is inactive until set_adapter (as in PEFT); keep it frozen meanwhile
             for tensor in self.adapter_tensors(adapter_name).values():
                 tensor.requires_grad_(False)
         self._refresh()
+
+    def _init_magnitude(self, adapter_name: str) -> None:
+        """``m = ||W + s B A||`` per output, so the fresh DoRA adapter computes what LoRA would."""
+        a, _ = self._lora_pair(adapter_name)
+        with torch.no_grad():
+            weight = self._dense_weight_oi().to(a.dtype)
+            norm = torch.linalg.norm(weight + self._lora_delta_oi(adapter_name), dim=1)
+        self.lora_magnitude_vector[adapter_name] = _Magnitude(norm.to(a.dtype))
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -207,14 +274,149 @@ class LoraLayer(AdapterLayer):
             raise ValueError(f"cannot rescale merged adapter {adapter_name!r}; unmerge first")
         self.scaling[adapter_name] = float(scaling)
 
+    def _refresh(self) -> None:
+        super()._refresh()
+        self._dora_forward = any(n in self.lora_magnitude_vector for n in self._forward_adapters)
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        # PEFT saves the magnitude without its ".weight" suffix
+        out = super().adapter_tensors(adapter_name)
+        magnitude = out.pop("lora_magnitude_vector.weight", None)
+        if magnitude is not None:
+            out["lora_magnitude_vector"] = magnitude
+        return out
+
+    # ------------------------------------------------------------------ per-method hooks
     def _create_tensors(self, adapter_name: str, r: int, init: bool | str) -> None:
         raise NotImplementedError
 
+    def _lora_pair(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` as ``(r, in)`` and ``(out, r)`` tensors."""
+        raise NotImplementedError
+
+    def _weight_oi(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (in the base layer's layout) seen as ``(out, in)``; a view, so edits write through."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ weights
+    def _dense_weight_oi(self) -> torch.Tensor:
+        """The base weight as ``(out, in)``, dequantized when the base is quantized."""
+        return self._weight_oi(quant.dense_weight(self.base_layer))
+
+    def _lora_delta_oi(self, adapter_name: str) -> torch.Tensor:
+        """``s B A`` in ``(out, in)`` layout."""
+        a, b = self._lora_pair(adapter_name)
+        return _matmul(b, a) * self.scaling[adapter_name]
+
+    def _dora_factor(self, adapter_name: str, weight_oi: torch.Tensor) -> torch.Tensor:
+        """``m / ||W + s B A||`` per output, the norm detached (DoRA section 4.3)."""
+        magnitude = self.lora_magnitude_vector[adapter_name].weight
+        with torch.no_grad():
+            norm = torch.linalg.norm(weight_oi.detach() + self._lora_delta_oi(adapter_name).to(weight_oi.dtype), dim=1)
+        return magnitude / norm.to(magnitude.dtype)
+
+    # ------------------------------------------------------------------ merging
+    def _unmerged_weight_oi(self, weight_oi: torch.Tensor) -> torch.Tensor:
+        """The base weight before any merge, recovered from the merged one (float32).
+
+        Merged LoRA adapters added ``s B A``; merged DoRA adapters added ``(f - 1) W0 + f s B A``
+        (row-wise ``f``), so ``W = W0 (1 + sum (f - 1)) + sum_lora s B A + sum_dora f s B A``.
+        Keeping only the per-row factors (not a copy of ``W0``) is what lets several DoRA adapters
+        merge and unmerge in any combination.
+        """
+        w = weight_oi.float()
+        if not self.merged_adapters:
+            return w
+        w = w.clone()
+        denominator: torch.Tensor | None = None
+        for name in self.merged_adapters:
+            delta = self._lora_delta_oi(name).float()
+            factor = self._dora_factors.get(name)
+            if factor is None:
+                w.sub_(delta)
+            else:
+                w.sub_(factor[:, None] * delta)
+                denominator = factor - 1 if denominator is None else denominator + (factor - 1)
+        if denominator is not None:
+            w.div_((1 + denominator)[:, None])
+        return w
+
+    def _merge_delta_oi(self, adapter_name: str, weight_oi: torch.Tensor) -> torch.Tensor:
+        """What merging ``adapter_name`` adds to the ``(out, in)`` weight (float32).
+
+        LoRA: ``s B A``. DoRA: ``W' - W0 = (f - 1) W0 + f s B A`` -- additive, so adapters merged
+        together give exactly the forward of those adapters active together.
+        """
+        delta = self._lora_delta_oi(adapter_name).float()
+        if adapter_name not in self.lora_magnitude_vector:
+            return delta
+        base = self._unmerged_weight_oi(weight_oi)
+        factor = self._dora_factors.get(adapter_name)
+        if factor is None:  # merging: the norm is the one forward uses, of the unmerged weight
+            magnitude = self.lora_magnitude_vector[adapter_name].weight.detach().float()
+            factor = magnitude / torch.linalg.norm(base + delta, dim=1)
+            self._dora_factors[adapter_name] = factor
+        return (factor - 1)[:, None] * base + factor[:, None] * delta
+
+    def merge(self, adapter_names: Iterable[str] | None = None) -> None:
+        """Fold the active (or given) adapters into the base weight, once each.
+
+        A quantized base is dequantized, merged and re-quantized with its own settings; its original
+        quantized tensor is kept until :meth:`unmerge` so the base comes back bit-exact.
+        """
+        requested = self.active_adapters if adapter_names is None else list(adapter_names)
+        held = set(self.adapter_names)
+        names: list[str] = []
+        for name in requested:
+            if name in held and name not in self.merged_adapters and name not in names:
+                names.append(name)
+        if not names:
+            return
+        with torch.no_grad():
+            if quant.is_quantized(self.base_layer):
+                if self._quant_snapshot is None:
+                    self._quant_snapshot = quant.snapshot_weight(self.base_layer)
+                dense = quant.dense_weight(self.base_layer).float()
+                for name in names:
+                    dense.add_(self._merge_delta_oi(name, dense))
+                    self.merged_adapters.append(name)
+                quant.replace_weight(self.base_layer, dense)
+            else:
+                weight_oi = self._weight_oi(self.base_layer.weight)
+                for name in names:
+                    weight_oi.add_(self._merge_delta_oi(name, weight_oi).to(weight_oi.dtype))
+                    self.merged_adapters.append(name)
+        self._refresh()
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out again (most recent first)."""
+        if not self.merged_adapters:
+            return
+        with torch.no_grad():
+            if self._quant_snapshot is not None:
+                quant.restore_weight(self.base_layer, self._quant_snapshot)
+                self._quant_snapshot = None
+                self.merged_adapters.clear()
+            else:
+                weight_oi = self._weight_oi(self.base_layer.weight)
+                while self.merged_adapters:
+                    name = self.merged_adapters[-1]
+                    weight_oi.sub_(self._merge_delta_oi(name, weight_oi).to(weight_oi.dtype))
+                    self.merged_adapters.pop()
+                    self._dora_factors.pop(name, None)
+            self._dora_factors.clear()
+        self._refresh()
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s B A`` in the base weight's own layout (the LoRA part; DoRA's rescaling is in merge)."""
+        return self._weight_oi(self._lora_delta_oi(adapter_name))  # the (out, in) view is its own inverse
+
 
 class LoraLinear(LoraLayer):
-    """LoRA around ``nn.Linear`` or ``transformers`` ``Conv1D`` (whose weight is stored transposed)."""
+    """LoRA around ``nn.Linear``, bitsandbytes' quantized Linear, or ``transformers`` ``Conv1D``
+    (whose weight is stored transposed)."""
 
-    adapter_layer_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+    adapter_layer_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -241,16 +443,31 @@ class LoraLinear(LoraLayer):
         self.lora_A[adapter_name] = lora_a
         self.lora_B[adapter_name] = lora_b
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        a = self.lora_A[adapter_name].weight
-        b = self.lora_B[adapter_name].weight
-        if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
-            delta = (b.float() @ a.float()).to(a.dtype)  # half matmul on CPU is slow and lossy
+    def _lora_pair(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def _weight_oi(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.is_conv1d else weight
+
+    def _dora_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """DoRA's addition to the base output: ``(f - 1) W x + f s B A x``."""
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        dtype = lora_a.weight.dtype
+        h = x if x.dtype == dtype else x.to(dtype)
+        dropped = name in self._dropout_on and self.training
+        weight = self._dense_weight_oi()
+        if self.merged_adapters:  # the base holds other adapters: DoRA's W is the one before merging
+            weight = self._unmerged_weight_oi(weight)
+        weight = weight.to(dtype)
+        factor = self._dora_factor(name, weight)
+        if dropped:  # the base output saw the un-dropped input; W x must use the dropped one
+            h = self.lora_dropout[name](h)
+        if dropped or self.merged_adapters:
+            plain = F.linear(h, weight)
         else:
-            delta = b @ a
-        if self.is_conv1d:
-            delta = delta.T
-        return delta * self.scaling[adapter_name]
+            bias = getattr(self.base_layer, "bias", None)
+            plain = base_out if bias is None else base_out - bias.to(base_out.dtype)
+        return (factor - 1) * plain + factor * (lora_b(lora_a(h)) * self.scaling[name])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -260,8 +477,14 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if not self._forward_adapters:
             return result
-        in_place = not torch.is_grad_enabled()
+        base_out = result
+        # DoRA needs the untouched base output, so never add into it in place then
+        in_place = not torch.is_grad_enabled() and not self._dora_forward
         for name in self._forward_adapters:
+            if name in self.lora_magnitude_vector:
+                delta = self._dora_delta(name, x, base_out)
+                result = result + delta.to(result.dtype)
+                continue
             lora_a = self.lora_A[name]
             h = x if x.dtype == lora_a.weight.dtype else x.to(lora_a.weight.dtype)
             if name in self._dropout_on and self.training:
@@ -280,11 +503,15 @@ class LoraEmbedding(LoraLayer):
     """LoRA around ``nn.Embedding``: ``A`` is (r, num_embeddings), ``B`` is (embedding_dim, r).
 
     Looking up rows of ``A^T`` replaces the one-hot product, so the update costs an (r x dim)
-    matmul per token. Dropout is not applied to token ids (as in PEFT).
+    matmul per token. Dropout is not applied to token ids (as in PEFT). For DoRA the "output"
+    axis is the embedding dimension: ``m`` has ``embedding_dim`` entries.
     """
 
-    adapter_layer_names: ClassVar[tuple[str, ...]] = ("lora_embedding_A", "lora_embedding_B")
-
+    adapter_layer_names: ClassVar[tuple[str, ...]] = (
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+    )
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
@@ -305,20 +532,33 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A[adapter_name] = nn.Parameter(weight_a)
         self.lora_embedding_B[adapter_name] = nn.Parameter(weight_b)
 
+    def _lora_pair(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def _weight_oi(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T
+
     def _embed_scale(self) -> torch.Tensor | float | None:
         scale = getattr(self.base_layer, "embed_scale", None)
         if isinstance(scale, torch.Tensor) and scale.numel() != 1:
             return None
         return scale
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        a = self.lora_embedding_A[adapter_name]
-        b = self.lora_embedding_B[adapter_name]
-        if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
-            delta = (b.float() @ a.float()).to(a.dtype)
-        else:
-            delta = b @ a
-        return delta.T * self.scaling[adapter_name]
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | float | None) -> torch.Tensor:
+        """Look ``ids`` up in ``table`` with the base embedding's options (and its scale if given)."""
+        base = self.base_layer
+        out = F.embedding(
+            ids,
+            table,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+        if scale is not None:
+            out = out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
+        return out
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -329,20 +569,23 @@ class LoraEmbedding(LoraLayer):
         if not self._forward_adapters:
             return result
         base = self.base_layer
+        base_out = result
         scale = self._embed_scale()
         for name in self._forward_adapters:
-            after_a = F.embedding(
-                x,
-                self.lora_embedding_A[name].T,
-                padding_idx=base.padding_idx,
-                max_norm=base.max_norm,
-                norm_type=base.norm_type,
-                scale_grad_by_freq=base.scale_grad_by_freq,
-                sparse=base.sparse,
-            )
-            delta = after_a @ self.lora_embedding_B[name].T
+            delta = self._embed(x, self.lora_embedding_A[name].T, None) @ self.lora_embedding_B[name].T
             if scale is not None:
                 delta = delta * (scale.to(delta.dtype) if isinstance(scale, torch.Tensor) else scale)
+            if name in self.lora_magnitude_vector:
+                weight = self._weight_oi(base.weight)
+                plain = base_out
+                if self.merged_adapters:  # DoRA's W is the one before other adapters were merged
+                    weight = self._unmerged_weight_oi(weight)
+                    plain = self._embed(x, weight.T.to(base_out.dtype), scale)
+                weight = weight.to(delta.dtype)
+                factor = self._dora_factor(name, weight)
+                delta = (factor - 1) * plain + factor * (delta * self.scaling[name])
+                result = result + delta.to(result.dtype)
+                continue
             if delta.dtype != result.dtype:
                 delta = delta.to(result.dtype)
             result = torch.add(result, delta, alpha=self.scaling[name])

@@ -50,7 +50,7 @@ def test_loading_a_peft_written_config(tmp_path):
         r=4, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM", lora_dropout=0.1
     ).save_pretrained(str(tmp_path))
     data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert "peft_version" in data and "use_dora" in data  # keys we do not model
+    assert "peft_version" in data and "lora_bias" in data  # keys we do not model
     cfg = load_config(tmp_path)
     assert isinstance(cfg, LoraConfig)
     assert (cfg.r, cfg.lora_alpha, cfg.target_modules, cfg.fan_in_fan_out, cfg.lora_dropout) == (
@@ -65,8 +65,8 @@ def test_loading_a_peft_written_config(tmp_path):
 
 
 def test_unsupported_peft_features_are_refused(tmp_path):
-    peft.LoraConfig(target_modules=["q_proj"], use_dora=True).save_pretrained(str(tmp_path))
-    with pytest.raises(ValueError, match="use_dora"):
+    peft.LoraConfig(target_modules=["q_proj"], lora_bias=True).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="lora_bias"):
         load_config(tmp_path)
 
 
