@@ -21,6 +21,7 @@ from pipeline.config import AdapterSpec, ConfigError, ModelSpec, PromptSpec
 DEMO_MODEL = "demo"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORAGE = {**_DTYPES, "uint8": torch.uint8}
 
 
 def resolve_model_path(spec: ModelSpec) -> str:
@@ -48,15 +49,56 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tok
 
 
+def quantization_config(spec: ModelSpec):
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (None without one)."""
+    q = spec.quantization
+    if q is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=q.llm_int8_skip_modules)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[q.bnb_4bit_compute_dtype],
+        bnb_4bit_quant_storage=_STORAGE[q.bnb_4bit_quant_storage],
+        llm_int8_skip_modules=q.llm_int8_skip_modules,
+    )
+
+
 def load_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """Load the base weights once; every role of a stage is an adapter over this object."""
+    """Load the base weights once; every role of a stage is an adapter over this object.
+
+    With ``quantization`` the linear layers load as bitsandbytes 4-/8-bit modules on ``device``
+    (bitsandbytes runs them on CPU too) and the model is prepared for k-bit training: base
+    frozen, norms and head in fp32, input embeddings' output requiring grad so gradient
+    checkpointing reaches the adapters.
+    """
+    device = torch.device(device)
+    quant = quantization_config(spec)
+    kwargs: dict = {}
+    if quant is not None:
+        kwargs = {"quantization_config": quant, "device_map": {"": device.index if device.type == "cuda" else "cpu"}}
     model = _auto_class(spec).from_pretrained(
         resolve_model_path(spec),
         revision=spec.revision,
         dtype=_DTYPES[spec.dtype],
         trust_remote_code=spec.trust_remote_code,
+        **kwargs,
     )
-    return model.to(device)
+    if quant is not None:
+        from adapters import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
+                                                keep_in_fp32="norms")
+    else:
+        model = model.to(device)
+        if spec.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    return model
 
 
 def skeleton_model(spec: ModelSpec) -> PreTrainedModel:

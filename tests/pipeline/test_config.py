@@ -148,3 +148,19 @@ def test_prompt_tuning_text_init_needs_text_and_uses_the_model_tokenizer() -> No
     bare = parse_config({"adapter": {"method": "prompt", "prompt_tuning_init": "TEXT"}})
     with pytest.raises(ConfigError, match="adapter.prompt_tuning_init_text: required"):
         adapter_config(bare.adapter, bare.model)
+
+
+def test_quantization_block_maps_to_bitsandbytes_config() -> None:
+    import torch
+
+    from pipeline.modeling import quantization_config
+
+    cfg = parse_config({"model": {"quantization": {"bits": 4, "bnb_4bit_quant_type": "fp4",
+                                                   "bnb_4bit_quant_storage": "bfloat16"}}})
+    q = quantization_config(cfg.model)
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "fp4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16 and q.bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(parse_config({"model": {"quantization": {"bits": 8}}}).model).load_in_8bit
+    assert quantization_config(parse_config({}).model) is None
+    with pytest.raises(ConfigError, match="model.quantization.bits: input should be 4 or 8"):
+        parse_config({"model": {"quantization": {"bits": 3}}})

@@ -173,3 +173,27 @@ def test_sft_stage_trains_a_seq2seq_model_from_local_files(workdir: Path, ray_se
     assert run.info.status == "FINISHED"
     assert {"train_loss", "rougeL_before", "rougeL_after"} <= set(run.data.metrics)
     assert [m.step for m in MlflowClient(uri).get_metric_history(outcome.run_id, "train_loss")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_qlora_sft_on_a_4bit_demo_base(workdir: Path, ray_session) -> None:
+    """QLoRA through the whole stage on CPU: bitsandbytes NF4 base, LoRA in fp32, one worker."""
+    import bitsandbytes as bnb
+
+    from pipeline.workflow import run_workflow
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", SMALL + [
+        "model.quantization={bits: 4, bnb_4bit_compute_dtype: float32}", "model.gradient_checkpointing=true",
+        "scaling.num_workers=1", "sft.max_steps=3", "eval.rouge=false",
+        f"tracking.uri={uri}", f"output_dir={workdir / 'out'}", "name=qlora"])
+    (outcome,) = run_workflow(cfg)
+    assert MlflowClient(uri).get_run(outcome.run_id).info.status == "FINISHED"
+    base = load_base_model(cfg.model)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
+    loaded = AdapterModel.from_pretrained(base, str(outcome.adapter_dir))
+    with torch.no_grad():
+        out = loaded(input_ids=torch.tensor([[1, 5, 9, 12]]))
+    assert torch.isfinite(out.logits).all()
+    # Only the adapter was written: a few hundred KiB, not the base.
+    assert (outcome.adapter_dir / "adapter_model.safetensors").stat().st_size < 1_000_000
