@@ -98,6 +98,11 @@ class RunLogger:
 
     Workers receive only the tracking URI and the run id; this keeps them from creating runs
     of their own (a restarted worker continues the same run instead of starting a new one).
+
+    A worker group that Ray Train restarts after a failure replays the steps between its last
+    checkpoint and the crash, and some of those were already flushed. So the logger first reads
+    how far each metric of the run got, and drops a replayed point at or below that step: every
+    step appears once in MLflow, whether or not a worker died.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, *, enabled: bool = True, flush_every: int = 50):
@@ -106,12 +111,18 @@ class RunLogger:
         self._flush_every = flush_every
         self._buffer: list[Metric] = []
         self._client = MlflowClient(tracking_uri) if enabled else None
+        self._logged_through: dict[str, int] = self._read_progress() if enabled else {}
+
+    def _read_progress(self) -> dict[str, int]:
+        keys = self._client.get_run(self.run_id).data.metrics.keys()
+        return {k: max(m.step for m in self._client.get_metric_history(self.run_id, k)) for k in keys}
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
             return
         now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None)
+        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items()
+                            if v is not None and step > self._logged_through.get(k, -1))
         if len(self._buffer) >= self._flush_every:
             self.flush()
 
