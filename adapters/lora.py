@@ -203,6 +203,108 @@ def _matmul(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return b @ a
 
 
+# Module hooks anywhere (DeepSpeed ZeRO-3 gathers partitioned weights in forward pre-hooks, profilers
+# and debuggers add forward hooks) mean a module must be *called*, not bypassed by the fused path.
+_GLOBAL_HOOKS = tuple(
+    getattr(torch.nn.modules.module, name)
+    for name in (
+        "_global_forward_pre_hooks",
+        "_global_forward_hooks",
+        "_global_backward_pre_hooks",
+        "_global_backward_hooks",
+    )
+    if hasattr(torch.nn.modules.module, name)
+)
+_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D ``(rows, last dim)`` view (also for 1-D and empty inputs)."""
+    return t.view(-1, t.shape[-1]) if t.numel() else t.view(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _hook_free(module: nn.Module) -> bool:
+    return not (
+        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
+    )
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """``y = x W^T + b + s (x' A^T) B^T`` as one autograd node, ``x'`` the (dropped-out) LoRA input.
+
+    Exactly the LoRA formula, with fewer kernels and no intermediate of the output's size: forward
+    runs the base GEMM, the ``r``-wide ``x' A^T`` and adds ``s h B^T`` into the base output in
+    place (``addmm_``); backward scales only ``r``-wide tensors and accumulates the LoRA part of
+    ``dL/dx`` into the base part in place. The unfused chain (``linear``, ``linear``, ``linear``,
+    ``mul``, ``add``) writes three output-sized tensors forward, one more backward, plus the
+    input-sized sum of the two ``dL/dx`` branches.
+
+    ``x_lora`` is ``None`` when the LoRA branch sees ``x`` itself (no dropout). ``weight`` is the
+    ``(out, in)`` view of the base weight; its and the bias's gradients are computed only when
+    they require grad (``bias="all"``/``"lora_only"`` or an unfrozen base).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        x_lora: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        src = x if x_lora is None else x_lora
+        out = F.linear(x, weight, bias)
+        h = F.linear(src, lora_a)
+        _rows(out).addmm_(_rows(h), lora_b.t(), alpha=scaling)
+        # keep only what the wanted gradients read: with dropout the base input is not needed
+        # unless the base weight trains (as in the unfused graph, where only the dropout output is)
+        need_w, need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        ctx.save_for_backward(
+            x if need_w or (need_a and x_lora is None) else None,
+            x_lora if need_a else None,
+            h if need_b else None,
+            weight,
+            lora_a,
+            lora_b,
+        )
+        ctx.shapes = (x.shape, None if x_lora is None else x_lora.shape)
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, x_lora, h, weight, lora_a, lora_b = ctx.saved_tensors
+        need_x, need_xl, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
+        x_shape, xl_shape = ctx.shapes
+        fused_x = xl_shape is None  # the LoRA branch read x itself
+        s = ctx.scaling
+        g = _rows(grad.contiguous())
+        gx = gxl = gw = gbias = ga = gb = None
+        gh = None
+        if need_a or need_xl or (need_x and fused_x):
+            gh = (g @ lora_b).mul_(s)  # (N, r): the only place the scaling touches activations
+        if need_b:
+            gb = (g.t() @ _rows(h)).mul_(s)
+        if need_a:
+            ga = gh.t() @ _rows((x if fused_x else x_lora).contiguous())  # type: ignore[union-attr]
+        if need_x:
+            gx = g @ weight
+            if fused_x:
+                gx.addmm_(gh, lora_a)  # type: ignore[arg-type]
+            gx = gx.view(x_shape)
+        if need_xl and not fused_x:
+            gxl = (gh @ lora_a).view(xl_shape)  # type: ignore[operator]
+        if need_w:
+            gw = g.t() @ _rows(x.contiguous())
+        if need_bias and ctx.has_bias:
+            gbias = g.sum(0)
+        return gx, gxl, gw, gbias, ga, gb, None
+
+
 class LoraLayer(AdapterLayer):
     """Common LoRA state: rank, scaling, dropout and (DoRA) magnitude per adapter; merging.
 
@@ -226,6 +328,8 @@ class LoraLayer(AdapterLayer):
         # the original quantized weight while adapters are merged into a quantized base
         self._quant_snapshot: tuple[Any, ...] | None = None
         self._dora_forward = False
+        # the one active plain-LoRA adapter when it is the only one forward adds (the fused path)
+        self._single_plain: str | None = None
 
     # ------------------------------------------------------------------ creation
     def _factory_kwargs(self) -> dict[str, Any]:
@@ -277,6 +381,8 @@ class LoraLayer(AdapterLayer):
     def _refresh(self) -> None:
         super()._refresh()
         self._dora_forward = any(n in self.lora_magnitude_vector for n in self._forward_adapters)
+        names = self._forward_adapters
+        self._single_plain = names[0] if len(names) == 1 and not self._dora_forward else None
 
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         # PEFT saves the magnitude without its ".weight" suffix
@@ -423,6 +529,7 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.is_conv1d = Conv1D is not None and isinstance(base_layer, Conv1D)
+        self._fused_plan = None
         if self.is_conv1d:
             # Conv1D(nf, nx): weight (nx, nf) = (in, out); nx/nf survive ZeRO-3 partitioning
             self.in_features, self.out_features = int(base_layer.nx), int(base_layer.nf)
@@ -469,11 +576,79 @@ class LoraLinear(LoraLayer):
             plain = base_out if bias is None else base_out - bias.to(base_out.dtype)
         return (factor - 1) * plain + factor * (lora_b(lora_a(h)) * self.scaling[name])
 
+    def _refresh(self) -> None:
+        super()._refresh()
+        # what the fused path needs, looked up once per change of the active set instead of per call
+        name, base = self._single_plain, self.base_layer
+        fusable = type(base) is nn.Linear or (self.is_conv1d and type(base) is Conv1D)
+        if name is None or not fusable or name not in self.lora_A:
+            self._fused_plan: tuple[str, nn.Module, nn.Module | None] | None = None
+        else:
+            self._fused_plan = (name, base, self.lora_dropout[name] if name in self._dropout_on else None)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Base and the single active LoRA adapter in one step, or ``None`` when that is not exact.
+
+        Taken when the base is a plain ``nn.Linear``/``Conv1D`` with dense weights, no module
+        hooks are registered (ZeRO-3 and friends gather weights in hooks), no autocast is active
+        and input, base weight and adapter share one dtype; everything else -- quantized bases,
+        mixed dtypes, DoRA, several adapters -- takes the general path, which computes the same sum.
+        Written for low per-call overhead (plain dict lookups; decoding calls it per token and layer).
+        """
+        name, base, dropout = self._fused_plan  # type: ignore[misc]
+        modules = self._modules
+        lora_a = modules["lora_A"]._modules[name]  # type: ignore[union-attr]
+        lora_b = modules["lora_B"]._modules[name]  # type: ignore[union-attr]
+        if (
+            modules["base_layer"] is not base  # replaced behind our back (e.g. quantized later)
+            or base._forward_pre_hooks
+            or base._forward_hooks
+            or base._backward_pre_hooks
+            or base._backward_hooks
+            or not (_hook_free(lora_a) and _hook_free(lora_b))  # type: ignore[arg-type]
+            or any(_GLOBAL_HOOKS)
+        ):
+            return None
+        params = base._parameters
+        weight, bias = params["weight"], params.get("bias")
+        a = lora_a._parameters["weight"]  # type: ignore[union-attr]
+        b = lora_b._parameters["weight"]  # type: ignore[union-attr]
+        dtype = x.dtype
+        if (
+            weight.dtype != dtype  # type: ignore[union-attr]
+            or a.dtype != dtype  # type: ignore[union-attr]
+            or b.dtype != dtype  # type: ignore[union-attr]
+            or type(weight) not in _PLAIN_TENSORS
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            return None
+        if self.is_conv1d:
+            weight = weight.t()  # type: ignore[union-attr]
+        scaling = self.scaling[name]
+        x_lora = dropout(x) if dropout is not None and self.training else None
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or a.requires_grad  # type: ignore[union-attr]
+            or b.requires_grad  # type: ignore[union-attr]
+            or weight.requires_grad  # type: ignore[union-attr]
+            or (bias is not None and bias.requires_grad)
+        ):
+            return _FusedLoraLinear.apply(x, x_lora, weight, bias, a, b, scaling)
+        # nothing to differentiate (generation, evaluation): the same three kernels, no graph
+        out = F.linear(x, weight, bias)  # type: ignore[arg-type]
+        h = F.linear(x if x_lora is None else x_lora, a)  # type: ignore[arg-type]
+        _rows(out).addmm_(_rows(h), b.t(), alpha=scaling)  # type: ignore[union-attr]
+        return out
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self._fused_plan is not None and not args and not kwargs:
+            fused = self._fused_forward(x)
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)
         if not self._forward_adapters:
             return result
@@ -486,16 +661,28 @@ class LoraLinear(LoraLayer):
                 result = result + delta.to(result.dtype)
                 continue
             lora_a = self.lora_A[name]
+            lora_b = self.lora_B[name]
             h = x if x.dtype == lora_a.weight.dtype else x.to(lora_a.weight.dtype)
             if name in self._dropout_on and self.training:
                 h = self.lora_dropout[name](h)
-            delta = self.lora_B[name](lora_a(h))
+            scaling = self.scaling[name]
+            if result.dtype == h.dtype and _hook_free(lora_a) and _hook_free(lora_b) and result.is_contiguous():
+                # s (h A^T) B^T added by one GEMM (no output-sized intermediate); a quantized or
+                # hooked base still runs as its own module above
+                low = _rows(F.linear(h, lora_a.weight))
+                b_t = lora_b.weight.t()
+                if in_place:
+                    _rows(result).addmm_(low, b_t, alpha=scaling)
+                else:
+                    result = torch.addmm(_rows(result), low, b_t, alpha=scaling).view(result.shape)
+                continue
+            delta = lora_b(lora_a(h))
             if delta.dtype != result.dtype:
                 delta = delta.to(result.dtype)
             if in_place:
-                result.add_(delta, alpha=self.scaling[name])
+                result.add_(delta, alpha=scaling)
             else:
-                result = torch.add(result, delta, alpha=self.scaling[name])
+                result = torch.add(result, delta, alpha=scaling)
         return result
 
 
