@@ -1,15 +1,31 @@
 """raypeft's own parameter-efficient fine-tuning library, checkpoint-compatible with PEFT.
 
-Methods: LoRA (with DoRA, and on bitsandbytes 4-/8-bit bases), and the virtual-token methods prompt tuning, P-tuning and prefix tuning.
+Methods: LoRA (with DoRA, and on bitsandbytes 4-/8-bit bases), IA3, LoHa, LoKr, AdaLoRA, bottleneck
+adapters, LLaMA-Adapter, and the virtual-token methods prompt tuning, multitask prompt tuning,
+P-tuning and prefix tuning.
 
 Depends on torch, safetensors and (for GPT-2's ``Conv1D``) transformers -- never on ``peft``.
 """
 
+from .adalora import (
+    AdaLoraConfig,
+    AdaLoraLayer,
+    RankAllocator,
+    orthogonal_regularization,
+    update_and_allocate,
+)
+from .bottleneck import BottleneckConfig, BottleneckLayer
+from .combine import add_weighted_adapter
 from .config import AdapterConfig, TaskType, config_class_for, load_config, register_config
+from .ia3 import IA3Config, IA3Layer
 from .layer import AdapterLayer
+from .llama_adapter import AdaptedAttention, AdaptionPromptConfig
+from .loha import LoHaConfig, LoHaLayer
+from .lokr import LoKrConfig, LoKrLayer
 from .lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
 from .model import AdapterModel, get_adapter_model
 from .modules_to_save import ModulesToSaveWrapper
+from .multitask_prompt_tuning import MultitaskPromptEmbedding, MultitaskPromptTuningConfig
 from .p_tuning import PromptEncoder, PromptEncoderConfig
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
@@ -18,15 +34,29 @@ from .serialization import LoadResult
 from .virtual_tokens import PromptLearningConfig
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraLayer",
+    "AdaptedAttention",
+    "AdaptionPromptConfig",
     "AdapterConfig",
     "AdapterLayer",
     "AdapterModel",
+    "BottleneckConfig",
+    "BottleneckLayer",
+    "IA3Config",
+    "IA3Layer",
+    "LoHaConfig",
+    "LoHaLayer",
+    "LoKrConfig",
+    "LoKrLayer",
     "LoadResult",
     "LoraConfig",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
     "ModulesToSaveWrapper",
+    "MultitaskPromptEmbedding",
+    "MultitaskPromptTuningConfig",
     "PrefixEncoder",
     "PrefixTuningConfig",
     "PromptEmbedding",
@@ -34,11 +64,15 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptLearningConfig",
     "PromptTuningConfig",
+    "RankAllocator",
     "TaskType",
+    "add_weighted_adapter",
     "config_class_for",
     "get_adapter_model",
     "load_config",
+    "orthogonal_regularization",
     "prepare_model_for_kbit_training",
     "quantize_linear_layers",
     "register_config",
+    "update_and_allocate",
 ]

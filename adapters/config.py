@@ -177,6 +177,16 @@ class AdapterConfig:
         return type(self).from_dict(data)
 
     # ------------------------------------------------------------------ method hooks
+    def find_target_modules(self, model: nn.Module) -> list[str]:
+        """Full names of the modules this adapter wraps in ``model``.
+
+        PEFT's ``target_modules`` rules (see :mod:`adapters.targeting`) unless a method picks its
+        modules another way (per-architecture defaults, the top layers only, ...).
+        """
+        from .targeting import find_targets  # targeting imports this module
+
+        return find_targets(model, self)
+
     def create_layer(self, target: nn.Module, adapter_name: str, module_name: str) -> AdapterLayer:
         """Wrap ``target`` in this method's adapter layer holding one adapter ``adapter_name``.
 

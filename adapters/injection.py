@@ -15,7 +15,7 @@ from torch import nn
 from .config import CLASSIFIER_HEAD_NAMES, AdapterConfig, TaskType
 from .layer import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
-from .targeting import find_modules_to_save, find_targets, iter_modules
+from .targeting import find_modules_to_save, iter_modules
 
 _CLASSIFICATION_TASKS = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
 
@@ -59,7 +59,7 @@ def inject_adapter(root: nn.Module, config: AdapterConfig, adapter_name: str) ->
     if any(adapter_name in layer.adapter_names for _, layer in adapter_layers(root)):
         raise ValueError(f"adapter {adapter_name!r} already exists in the model")
     add_classifier_heads(config)
-    targets = find_targets(root, config)
+    targets = config.find_target_modules(root)
     layer_cls = config.layer_class()
     for name in targets:
         module = root.get_submodule(name)

@@ -102,6 +102,11 @@ class AdapterLayer(nn.Module):
                 out[attr] = item
         return out
 
+    def saved_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds for ``adapter_name``: :meth:`adapter_tensors` unless a method saves
+        less than it trains (AdaLoRA drops the triplets its rank allocator masked, as PEFT does)."""
+        return self.adapter_tensors(adapter_name)
+
     # ------------------------------------------------------------------ merging
     def base_weight(self) -> torch.Tensor:
         """The weight that merging writes into."""
@@ -135,3 +140,26 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class UnmergeableAdapterLayer(AdapterLayer):
+    """Base of wrappers whose update is not a weight delta (bottleneck adapters, LLaMA-Adapter).
+
+    Their output is a non-linear function of the input, so nothing can be folded into the base
+    weight: merging an adapter this layer holds raises, and there is never anything to unmerge.
+    """
+
+    def merge(self, adapter_names: Iterable[str] | None = None) -> None:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        held = [n for n in names if n in self.adapter_names]
+        if held:
+            raise ValueError(
+                f"{type(self).__name__} adapter {held[0]!r} cannot be merged into the base weights "
+                "(its update is not a weight delta); use unload() to remove it instead"
+            )
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged."""
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise ValueError(f"{type(self).__name__} adapter {adapter_name!r} has no weight delta")

@@ -121,6 +121,7 @@ class AdapterModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         config = self._active_virtual()
         if config is None:
+            kwargs.pop("task_ids", None)  # only multitask prompt tuning reads them (as in PEFT)
             return self.base_model.model(*args, **kwargs)
         encoder = self.prompt_encoder[self.active_adapter]
         return virtual_forward(self.get_base_model(), config, encoder, *args, **kwargs)
@@ -128,6 +129,7 @@ class AdapterModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         config = self._active_virtual()
         if config is None:
+            kwargs.pop("task_ids", None)
             return self.base_model.model.generate(*args, **kwargs)
         encoder = self.prompt_encoder[self.active_adapter]
         return virtual_generate(self.get_base_model(), config, encoder, *args, **kwargs)
@@ -241,6 +243,27 @@ class AdapterModel(nn.Module):
             if self.peft_config:
                 self.set_adapter(next(iter(self.peft_config)))
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        svd_clamp: float | None = None,
+    ) -> None:
+        """Add LoRA adapter ``adapter_name`` combining ``adapters`` (PEFT's combination types:
+        ``linear``, ``cat``, ``svd``, ``ties``, ``dare_linear``, ``dare_ties``, ...; see
+        :mod:`adapters.combine`). It is added inactive, like any new adapter."""
+        from .combine import add_weighted_adapter
+
+        add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type=combination_type, svd_rank=svd_rank,
+            density=density, majority_sign_method=majority_sign_method, svd_clamp=svd_clamp,
+        )
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the block (merged adapters are unmerged, then re-merged)."""
@@ -275,6 +298,10 @@ class AdapterModel(nn.Module):
         virtual = [n for n in names if n in self.peft_config and _is_virtual(self.peft_config[n])]
         if virtual:
             raise ValueError(f"virtual-token adapter {virtual[0]!r} has no weights to merge into the model")
+        fixed = [n for n in names if n in self.peft_config and not getattr(self.peft_config[n], "MERGEABLE", True)]
+        if fixed:
+            kind = type(self.peft_config[fixed[0]]).__name__
+            raise ValueError(f"{kind} adapter {fixed[0]!r} cannot be merged (its update is not a weight delta); use unload()")
 
     def _drop_prompt_encoders(self) -> None:
         for name in list(self.prompt_encoder):

@@ -60,15 +60,19 @@ def _bias_tensors(root: nn.Module, adapter_name: str, config: AdapterConfig) -> 
     return out
 
 
-def adapter_tensor_map(root: nn.Module, adapter_name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
+def adapter_tensor_map(
+    root: nn.Module, adapter_name: str, config: AdapterConfig, for_saving: bool = False
+) -> dict[str, torch.Tensor]:
     """The live tensors of ``adapter_name`` keyed by their PEFT checkpoint keys.
 
     ``root`` is the model being adapted (the transformers model). The tensors are the model's own
-    parameters -- write into them to load, copy them to save.
+    parameters -- write into them to load, copy them to save. ``for_saving`` takes each layer's
+    :meth:`~adapters.layer.AdapterLayer.saved_tensors` instead (possibly copies; only to be read).
     """
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(root):
-        for key, tensor in layer.adapter_tensors(adapter_name).items():
+        tensors = layer.saved_tensors(adapter_name) if for_saving else layer.adapter_tensors(adapter_name)
+        for key, tensor in tensors.items():
             out[f"{PREFIX}{name}.{key}"] = tensor
     for name, wrapper in save_wrappers(root):
         for key, tensor in wrapper.adapter_tensors(adapter_name).items():
@@ -85,7 +89,7 @@ def get_adapter_state_dict(root: nn.Module, adapter_name: str, config: AdapterCo
         raise KeyError(f"adapter {adapter_name!r} is not in the model")
     return {
         key: tensor.detach().to("cpu", copy=True).contiguous()
-        for key, tensor in adapter_tensor_map(root, adapter_name, config).items()
+        for key, tensor in adapter_tensor_map(root, adapter_name, config, for_saving=True).items()
     }
 
 

@@ -168,6 +168,11 @@ class VirtualTokenEncoder(nn.Module):
             return weight
         return self._apply_head(weight.unsqueeze(0))[0]
 
+    def prompts(self, batch_size: int, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``(batch, rows, out_width)`` virtual tokens for a batch: the same for every row here;
+        multitask prompt tuning picks each row's prompt by its ``task_ids`` entry."""
+        return self.output().unsqueeze(0).expand(batch_size, -1, -1)
+
     def collapse(self) -> None:
         """Replace embedding + head by one embedding holding the head's output (PEFT's inference layout)."""
         if not self.has_head:
@@ -209,10 +214,15 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return model.get_input_embeddings().weight.dtype
 
 
-def prompt_embeddings(config: PromptLearningConfig, encoder: VirtualTokenEncoder, batch_size: int, dtype: torch.dtype):
+def prompt_embeddings(
+    config: PromptLearningConfig,
+    encoder: VirtualTokenEncoder,
+    batch_size: int,
+    dtype: torch.dtype,
+    task_ids: torch.Tensor | None = None,
+):
     """``(batch, num_virtual_tokens, token_dim)`` virtual embeddings put before the inputs."""
-    prompts = encoder.output()[: config.num_virtual_tokens].to(dtype)
-    return prompts.unsqueeze(0).expand(batch_size, -1, -1)
+    return encoder.prompts(batch_size, task_ids)[:, : config.num_virtual_tokens].to(dtype)
 
 
 def prefix_key_values(
@@ -321,13 +331,14 @@ def virtual_forward(
         raise ValueError("virtual-token adapters prepend their tokens to a fresh sequence; use generate() for caching")
     kwargs.pop("past_key_values", None)
     _drop_token_type_ids(kwargs)
+    task_ids = kwargs.pop("task_ids", None)  # multitask prompt tuning: one task per row
     if _is_encoder_decoder(model):
-        return _seq2seq_forward(model, config, encoder, **kwargs)
-    return _causal_forward(model, config, encoder, **kwargs)
+        return _seq2seq_forward(model, config, encoder, task_ids=task_ids, **kwargs)
+    return _causal_forward(model, config, encoder, task_ids=task_ids, **kwargs)
 
 
 def _causal_forward(model, config, encoder, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                    position_ids=None, **kwargs):
+                    position_ids=None, task_ids=None, **kwargs):
     n = config.num_virtual_tokens
     batch = _batch_size(input_ids, inputs_embeds)
     attention_mask = _extend_mask(attention_mask, batch, n)
@@ -339,7 +350,7 @@ def _causal_forward(model, config, encoder, input_ids=None, attention_mask=None,
                      position_ids=position_ids, past_key_values=cache, **kwargs)
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
-    prompts = prompt_embeddings(config, encoder, batch, inputs_embeds.dtype)
+    prompts = prompt_embeddings(config, encoder, batch, inputs_embeds.dtype, task_ids)
     inputs_embeds = torch.cat((prompts, inputs_embeds), dim=1)
     if labels is not None:
         labels = torch.cat((torch.full((batch, n), -100, dtype=labels.dtype, device=labels.device), labels), dim=1)
@@ -350,7 +361,7 @@ def _causal_forward(model, config, encoder, input_ids=None, attention_mask=None,
 
 
 def _seq2seq_forward(model, config, encoder, input_ids=None, attention_mask=None, inputs_embeds=None,
-                     decoder_attention_mask=None, **kwargs):
+                     decoder_attention_mask=None, task_ids=None, **kwargs):
     n = config.num_virtual_tokens
     batch = _batch_size(input_ids, inputs_embeds)
     if config.INJECTS_CACHE:
@@ -360,7 +371,7 @@ def _seq2seq_forward(model, config, encoder, input_ids=None, attention_mask=None
                      decoder_attention_mask=decoder_attention_mask, past_key_values=cache, **kwargs)
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
-    prompts = prompt_embeddings(config, encoder, batch, inputs_embeds.dtype)
+    prompts = prompt_embeddings(config, encoder, batch, inputs_embeds.dtype, task_ids)
     inputs_embeds = torch.cat((prompts, inputs_embeds), dim=1)
     attention_mask = _extend_mask(attention_mask, batch, n)
     return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -375,6 +386,7 @@ def virtual_generate(
     if kwargs.get("past_key_values") is not None:
         raise ValueError("generate() with a virtual-token adapter starts from a fresh cache; do not pass past_key_values")
     _drop_token_type_ids(kwargs)
+    task_ids = kwargs.pop("task_ids", None)
     if _is_encoder_decoder(model) and not config.INJECTS_CACHE:
         # The encoder runs once: hand it [virtual; input] embeddings.
         input_ids = kwargs.pop("input_ids", None)
@@ -386,7 +398,7 @@ def virtual_generate(
             raise ValueError("generate() with a virtual-token adapter needs input_ids")
         embeds = model.get_input_embeddings()(input_ids)
         batch = embeds.shape[0]
-        prompts = prompt_embeddings(config, encoder, batch, embeds.dtype)
+        prompts = prompt_embeddings(config, encoder, batch, embeds.dtype, task_ids)
         kwargs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
         if kwargs.get("attention_mask") is not None:
             kwargs["attention_mask"] = _extend_mask(kwargs["attention_mask"], batch, config.num_virtual_tokens)
@@ -394,7 +406,7 @@ def virtual_generate(
 
     original = model.prepare_inputs_for_generation
     had_instance_attr = "prepare_inputs_for_generation" in vars(model)
-    prepare = _CausalPrepare(model, config, encoder, original)
+    prepare = _CausalPrepare(model, config, encoder, original, task_ids)
     if _is_encoder_decoder(model):
         prepare = _Seq2SeqPrefixPrepare(model, config, encoder, original)
     model.prepare_inputs_for_generation = prepare
@@ -408,8 +420,18 @@ def virtual_generate(
 
 
 class _Prepare:
-    def __init__(self, model, config, encoder, original) -> None:
+    def __init__(self, model, config, encoder, original, task_ids=None) -> None:
         self.model, self.config, self.encoder, self.original = model, config, encoder, original
+        self.task_ids = task_ids
+
+    def _task_ids_for(self, batch: int) -> torch.Tensor | None:
+        """``task_ids`` per row of what is fed: beam search / num_return_sequences repeat each row."""
+        ids = self.task_ids
+        if ids is None or not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.shape[0] in (0, batch):
+            return ids
+        if batch % ids.shape[0]:
+            raise ValueError(f"task_ids has {ids.shape[0]} entries for a generation batch of {batch} rows")
+        return ids.repeat_interleave(batch // ids.shape[0])
 
     def _fresh(self, inputs: dict[str, Any], cache: Any) -> bool:
         return inputs.get("use_cache") is False or _cache_length(cache) == 0
@@ -452,7 +474,7 @@ class _CausalPrepare(_Prepare):
             embeds = inputs.get("inputs_embeds")
             if embeds is None:
                 embeds = self.model.get_input_embeddings()(inputs["input_ids"])
-            prompts = prompt_embeddings(self.config, self.encoder, batch, embeds.dtype)
+            prompts = prompt_embeddings(self.config, self.encoder, batch, embeds.dtype, self._task_ids_for(batch))
             inputs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
             inputs["input_ids"] = None
             if positions is not None:
