@@ -49,7 +49,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="raypeft-methods-") as tmp:
         for method in args.methods:
-            overrides = METHODS[method] + args.set + [
+            overrides = ["stages=[sft]"] + METHODS[method] + args.set + [
                 f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_location={Path(tmp).as_uri()}/art",
                 f"output_dir={tmp}/out", f"name=methods-{method}"]
             cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)

@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for o in outcomes:
         shown = {k: round(v, 4) for k, v in o.metrics.items()
-                 if isinstance(v, (int, float)) and ("rouge" in k or k in ("train_seconds", "tokens_per_s"))
-                 and "/rank" not in k}
+                 if isinstance(v, (int, float)) and "/rank" not in k
+                 and ("rouge" in k or k.startswith(("eval_accuracy", "eval_margin", "eval_reward", "eval_kl"))
+                      or k in ("train_seconds", "tokens_per_s"))}
         print(f"[raypeft] {o.stage}: {shown}")
     return 0
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from pipeline.config import RunConfig
-from pipeline.data import check_columns, load_rows, split_train_eval
+from pipeline.config import PairDataSpec, PromptDataSpec, RunConfig
+from pipeline.data import DataError, check_columns, load_rows, split_train_eval
 
 DEMO_SOURCE = "demo"
 
@@ -45,3 +45,58 @@ def sft_rows(cfg: RunConfig) -> tuple[Dataset, Dataset]:
     if cfg.eval.max_rows is not None and len(held_out) > cfg.eval.max_rows:
         held_out = held_out.select(range(cfg.eval.max_rows))
     return train, held_out
+
+
+def _require_columns(ds: Dataset, required: dict[str, str], field: str, place: str) -> None:
+    """Like ``check_columns`` but naming the stage's own field (``reward.data.columns.chosen``)."""
+    for role, column in required.items():
+        if column not in ds.column_names:
+            raise DataError(f"{field}.{role}: column '{column}' not found in {place}; "
+                            f"present: {', '.join(ds.column_names)}")
+
+
+def pair_rows(cfg: RunConfig, spec: PairDataSpec, field: str) -> tuple[Dataset, Dataset]:
+    """Train and held-out preference pairs for the reward or DPO stage (``field``: its data block)."""
+    trust = cfg.model.trust_remote_code
+    where = f"{field}.source"
+    if spec.source == DEMO_SOURCE:
+        from pipeline.demo import ensure_demo_assets
+
+        files = ensure_demo_assets().data_dir
+        train = load_rows(str(files / "preference_train.jsonl"), where=where)
+        held_out = load_rows(str(files / "preference_eval.jsonl"), where=where)
+    else:
+        train = load_rows(spec.source, split=spec.train_split, file_format=spec.file_format, subset=spec.subset,
+                          trust_remote_code=trust, where=where)
+        if spec.eval_source:
+            held_out = load_rows(spec.eval_source, split=spec.eval_split or "train", file_format=spec.file_format,
+                                 subset=spec.subset, trust_remote_code=trust, where=f"{field}.eval_source")
+        elif spec.eval_split:
+            held_out = load_rows(spec.source, split=spec.eval_split, file_format=spec.file_format,
+                                 subset=spec.subset, trust_remote_code=trust, where=f"{field}.eval_split")
+        else:
+            train, held_out = split_train_eval(train, eval_fraction=spec.eval_fraction or 0.05, seed=cfg.seed)
+    required = spec.columns.model_dump()
+    _require_columns(train, required, f"{field}.columns", spec.source)
+    _require_columns(held_out, required, f"{field}.columns", spec.eval_source or spec.source)
+    if spec.max_train_rows is not None and len(train) > spec.max_train_rows:
+        train = train.select(range(spec.max_train_rows))
+    if spec.max_eval_rows is not None and len(held_out) > spec.max_eval_rows:
+        held_out = held_out.select(range(spec.max_eval_rows))
+    return train, held_out
+
+
+def prompt_rows(cfg: RunConfig, spec: PromptDataSpec, field: str) -> Dataset:
+    """PPO's prompts: one text column (``field``: the stage's data block, for error messages)."""
+    where = f"{field}.source"
+    if spec.source == DEMO_SOURCE:
+        from pipeline.demo import ensure_demo_assets
+
+        rows = load_rows(str(ensure_demo_assets().data_dir / "prompts.jsonl"), where=where)
+    else:
+        rows = load_rows(spec.source, split=spec.split, file_format=spec.file_format, subset=spec.subset,
+                         trust_remote_code=cfg.model.trust_remote_code, where=where)
+    _require_columns(rows, {"column": spec.column}, field, spec.source)
+    if spec.max_rows is not None and len(rows) > spec.max_rows:
+        rows = rows.select(range(spec.max_rows))
+    return rows

@@ -4,11 +4,14 @@ Order of work, chosen so that a bad input costs nothing: validate everything tha
 checked without training (model, targets, data, adapter inputs, tracking store) before Ray
 starts; then one parent MLflow run for the workflow and a child run per stage. A stage's
 adapter is copied out of Ray's checkpoint into ``<output_dir>/<name>/<stage>/adapter``, logged as
-an artifact and registered as a model version; the next stage starts from it.
+an artifact and registered as a model version. Later stages name their inputs in the YAML
+(``reward.init_from: sft``, ``ppo.reward_adapter: reward``, ...; see ``pipeline.references``),
+so a stage name resolves to that folder whether the stage ran just now or in an earlier run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,8 +24,9 @@ import yaml
 from pipeline import engine, tracking
 from pipeline.checkpoint import ADAPTER_DIR
 from pipeline.config import ConfigError, RunConfig
-from pipeline.inputs import sft_rows
+from pipeline.inputs import pair_rows, prompt_rows, sft_rows
 from pipeline.modeling import check_adapter_targets, load_tokenizer
+from pipeline.references import resolve_stage_inputs
 
 
 @dataclass
@@ -37,16 +41,43 @@ class StageOutcome:
 def _stage_loop(stage: str) -> Callable[[dict], None]:
     if stage == "sft":
         from pipeline.stages.sft import train_loop
+    elif stage == "reward":
+        from pipeline.stages.reward import train_loop
+    elif stage == "dpo":
+        from pipeline.stages.dpo import train_loop
+    elif stage == "ppo":
+        from pipeline.stages.ppo import train_loop
+    else:
+        raise ConfigError(f"stages: unknown stage '{stage}'")
+    return train_loop
 
-        return train_loop
-    raise ConfigError(f"stages: unknown stage '{stage}'")
+
+def _check_stage_data(cfg: RunConfig, stages: list[str]) -> None:
+    """Load (and column-check) every stage's rows on the driver, so a bad source fails before Ray."""
+    if "sft" in stages or (cfg.eval.rouge and {"dpo", "ppo"} & set(stages)):
+        sft_rows(cfg)
+    if "reward" in stages:
+        pair_rows(cfg, cfg.reward.data, "reward.data")
+    if "dpo" in stages:
+        pair_rows(cfg, cfg.dpo.data, "dpo.data")
+    if "ppo" in stages:
+        prompt_rows(cfg, cfg.ppo.data, "ppo.data")
+        if cfg.ppo.generation.max_new_tokens > cfg.data.max_length - 8:
+            raise ConfigError(f"ppo.generation.max_new_tokens: {cfg.ppo.generation.max_new_tokens} leaves no room "
+                              f"for a prompt within data.max_length={cfg.data.max_length}")
 
 
-def preflight(cfg: RunConfig) -> str | None:
-    """Check model, adapter targets and data on the driver; return the resolved input adapter.
+def preflight(cfg: RunConfig, stages: list[str] | None = None) -> dict[str, dict[str, str | None]]:
+    """Check model, adapter targets, data and adapter inputs on the driver.
 
-    Raises ``ConfigError`` / ``DataError`` / ``TrackingError`` with one line; nothing is written.
+    Returns every stage's input adapters as local folders (``pipeline.references``). Raises
+    ``ConfigError`` / ``DataError`` / ``TrackingError`` with one line; nothing is written.
     """
+    stages = _ordered(cfg, stages)
+    rl = [s for s in stages if s != "sft"]
+    if rl and cfg.model.task_type != "CAUSAL_LM":
+        raise ConfigError(f"stages: the {rl[0]} stage needs a causal LM (model.task_type: CAUSAL_LM), "
+                          f"got {cfg.model.task_type}")
     try:
         load_tokenizer(cfg.model)
     except (OSError, ValueError) as exc:
@@ -55,11 +86,38 @@ def preflight(cfg: RunConfig) -> str | None:
         raise ConfigError(f"model.name_or_path: cannot load '{cfg.model.name_or_path}': "
                           f"{str(exc).splitlines()[0]}") from None
     check_adapter_targets(cfg.adapter, cfg.model)
-    if "sft" in cfg.stages:
-        sft_rows(cfg)
-    if cfg.adapter.init_from:
-        return str(tracking.resolve_adapter(cfg.adapter.init_from, tracking_uri=cfg.tracking_uri()))
-    return None
+    _check_stage_data(cfg, stages)
+    return resolve_stage_inputs(cfg, stages)
+
+
+def _ordered(cfg: RunConfig, stages: list[str] | None) -> list[str]:
+    """The stages to run, in the config's order (``--stage`` may name them in any order)."""
+    if not stages:
+        return list(cfg.stages)
+    unknown = [s for s in stages if s not in cfg.stages]
+    if unknown:
+        raise ConfigError(f"--stage {unknown[0]}: not a stage of this config (stages: {', '.join(cfg.stages)})")
+    return [s for s in cfg.stages if s in stages]
+
+
+def _registry_tags(cfg: RunConfig, adapter_dir: Path) -> dict[str, Any]:
+    """Method and size tags of the adapter a stage published, read from its own config file: a
+    later stage may continue an adapter that was not made from this YAML's ``adapter`` block."""
+    tags = dict(cfg.adapter.registry_tags())
+    try:
+        saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return tags
+    method = _METHOD_OF_PEFT_TYPE.get(str(saved.get("peft_type", "")).upper(), tags["method"])
+    if method != tags["method"]:
+        tags = {"method": method}
+    for key in ("r", "lora_alpha", "num_virtual_tokens"):
+        if saved.get(key) is not None:
+            tags[key] = saved[key]
+    return tags
+
+
+_METHOD_OF_PEFT_TYPE = {"LORA": "lora", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix", "P_TUNING": "ptuning"}
 
 
 def _config_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -81,27 +139,28 @@ def _publish_adapter(result, out_dir: Path) -> Path:
 
 
 def run_stage(cfg: RunConfig, stage: str, *, experiment_id: str, parent_run_id: str,
-              init_adapter: str | None) -> StageOutcome:
+              inputs: dict[str, str | None]) -> StageOutcome:
+    """Run one stage as a child MLflow run; ``inputs`` are its resolved input adapters."""
     uri = cfg.tracking_uri()
     run_id = tracking.start_run(experiment_id, stage, parent_run_id=parent_run_id,
                                 tags={"raypeft.stage": stage, "raypeft.workflow": cfg.name})
     try:
         tracking.log_params(run_id, tracking.flatten(_config_dict(cfg)))
+        tracking.set_tags(run_id, {f"raypeft.input.{role}": path or "none" for role, path in inputs.items()})
         payload = {"config": _config_dict(cfg), "run_id": run_id, "tracking_uri": uri,
-                   "init_adapter": init_adapter}
+                   "init_adapter": inputs.get("init"), "inputs": inputs}
         result = engine.fit(_stage_loop(stage), payload, cfg, run_name=f"{stage}-{run_id}")
-        adapter_dir = _publish_adapter(result, cfg.output_path() / stage / "adapter")
+        adapter_dir = _publish_adapter(result, cfg.stage_adapter_dir(stage))
         size = tracking.directory_size(adapter_dir)
         tracking.log_metrics(run_id, {"adapter_size_bytes": size}, step=int(result.metrics.get("step", 0)))
         source = tracking.log_adapter(run_id, adapter_dir)
         version = None
         if cfg.tracking.register_adapter:
-            a = cfg.adapter
+            tags = _registry_tags(cfg, adapter_dir)
             version = tracking.register_adapter(
                 cfg.registered_name(stage), source, run_id,
-                tags={**a.registry_tags(), "stage": stage,
-                      "base_model": cfg.model.name_or_path, "workflow": cfg.name},
-                description=f"{a.method} adapter from the {stage} stage of {cfg.name}",
+                tags={**tags, "stage": stage, "base_model": cfg.model.name_or_path, "workflow": cfg.name},
+                description=f"{tags['method']} adapter from the {stage} stage of {cfg.name}",
             )
             tracking.set_tags(run_id, {"raypeft.registered_model": f"{cfg.registered_name(stage)}/{version}"})
     except BaseException:
@@ -113,11 +172,11 @@ def run_stage(cfg: RunConfig, stage: str, *, experiment_id: str, parent_run_id: 
 
 def run_workflow(cfg: RunConfig, stages: list[str] | None = None,
                  log: Callable[[str], None] = print) -> list[StageOutcome]:
-    """Run ``stages`` (default: the config's) in order and return what each produced."""
-    stages = stages or list(cfg.stages)
+    """Run ``stages`` (default: the config's; always in the config's order) and return what each produced."""
+    stages = _ordered(cfg, stages)
     with tracking.quiet_mlflow():
         experiment_id = tracking.connect(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location())
-        init_adapter = preflight(cfg)
+        inputs = preflight(cfg, stages)
         out = cfg.output_path()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(_config_dict(cfg), sort_keys=False))
@@ -131,9 +190,8 @@ def run_workflow(cfg: RunConfig, stages: list[str] | None = None,
             for stage in stages:
                 log(f"[raypeft] stage {stage}: starting (MLflow run under {parent})")
                 outcome = run_stage(cfg, stage, experiment_id=experiment_id, parent_run_id=parent,
-                                    init_adapter=init_adapter)
+                                    inputs=inputs[stage])
                 outcomes.append(outcome)
-                init_adapter = str(outcome.adapter_dir)
                 log(f"[raypeft] stage {stage}: adapter at {outcome.adapter_dir}"
                     + (f", registered as {cfg.registered_name(stage)} v{outcome.model_version}"
                        if outcome.model_version else ""))

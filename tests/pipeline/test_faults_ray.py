@@ -45,7 +45,7 @@ def test_killed_worker_resumes_from_checkpoint_without_losing_or_doubling_steps(
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [
-        "data.max_train_rows=480", f"sft.max_steps={STEPS}", "sft.batch_size=8", "sft.log_every=1",
+        "stages=[sft]", "data.max_train_rows=480", f"sft.max_steps={STEPS}", "sft.batch_size=8", "sft.log_every=1",
         "sft.checkpoint_every=5", "eval.rouge=false", "scaling.num_workers=2", "failure.max_failures=2",
         f"tracking.uri={uri}", f"output_dir={tmp_path / 'out'}", "name=faults",
     ])

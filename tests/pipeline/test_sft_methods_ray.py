@@ -37,7 +37,7 @@ def test_virtual_token_sft_trains_tracks_and_registers(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [
-        f"adapter={{method: {method}, num_virtual_tokens: 6, {extra}}}",
+        "stages=[sft]", f"adapter={{method: {method}, num_virtual_tokens: 6, {extra}}}",
         "data.max_train_rows=64", "sft.max_steps=3", "sft.batch_size=8", "sft.log_every=1",
         "sft.learning_rate=0.01", "eval.max_rows=6", "eval.max_new_tokens=6", f"scaling.num_workers={workers}",
         f"tracking.uri={uri}", f"output_dir={tmp_path / 'out'}", f"name=vt-{method}",

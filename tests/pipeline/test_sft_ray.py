@@ -20,6 +20,7 @@ from pipeline.tracking import resolve_adapter
 REPO = Path(__file__).resolve().parents[2]
 
 SMALL = [
+    "stages=[sft]",  # quickstart.yaml is the whole sft -> reward -> ppo workflow
     "data.max_train_rows=64",
     "sft.max_steps=4",
     "sft.batch_size=8",
@@ -160,7 +161,7 @@ def test_sft_stage_trains_a_seq2seq_model_from_local_files(workdir: Path, ray_se
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [
-        f"model.name_or_path={workdir / 't5'}", "model.task_type=SEQ_2_SEQ_LM",
+        "stages=[sft]", f"model.name_or_path={workdir / 't5'}", "model.task_type=SEQ_2_SEQ_LM",
         f"data.source={rows}", "data.columns={prompt: chat, response: gist}", "data.eval_fraction=0.2",
         "adapter.target_modules=[q, v]", "sft.max_steps=3", "sft.batch_size=4", "sft.log_every=1",
         "eval.max_rows=4", "eval.max_new_tokens=4", "scaling.num_workers=1",

@@ -1,0 +1,386 @@
+"""PPO of the policy adapter against a reward model, with every role an adapter on one base.
+
+Roles (``pipeline.roles``): ``policy`` (trainable; from ``ppo.policy_init``, the SFT output by
+default), ``reference`` (frozen: a copy of the policy's starting adapter, or the bare base),
+``reward`` (frozen adapter + value head from the reward stage) and ``critic`` (trainable adapter
++ value head, started from the reward model by default). One copy of the base weights serves
+all four; a role switch is an adapter switch.
+
+One step, on every worker:
+
+1. rollout: sample ``rollout_batch_size`` prompts (``data.prompt_template`` applied) and let the
+   policy ``generate`` a response (the YAML's sampling settings), cut after the first eos;
+2. score: re-pack ``prompt + response`` right-padded (the layout the reward model was trained
+   on) and compute, without gradients, the policy's and reference's log-probabilities of the
+   response tokens (logits divided by the sampling temperature), the critic's values, and the
+   reward model's score at the last token (minus ``missing_eos_penalty`` if no eos);
+3. per-token rewards ``-kl_coef * (log pi - log ref)`` with the score added on the last token
+   (optionally whitened), GAE advantages and returns (advantages whitened by default);
+4. ``ppo_epochs`` passes over the rollout in ``minibatches`` minibatches: clipped policy loss
+   plus ``vf_coef`` times the clipped value loss, one backward reaching policy and critic,
+   gradients averaged over workers;
+5. update the KL coefficient (fixed, or adaptive towards ``kl.target``).
+
+Everything runs with dropout off (eval mode), so the first minibatch's ratio is exactly 1.
+Whitening uses each worker's own rollout batch. Metrics per step: reward (score) mean/std, KL
+to the reference, KL coefficient, policy entropy, clip fractions, policy/value losses, approx
+KL, response length, tokens/s and peak memory; ROUGE of greedy generations before and after.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline import checkpoint, engine, tracking
+from pipeline.config import PPOSpec, RunConfig
+from pipeline.data import PromptCollator, tokenize_prompts
+from pipeline.inputs import prompt_rows, sft_rows
+from pipeline.modeling import adapter_config, load_base_model, load_tokenizer
+from pipeline.resources import Throughput, reset_gpu_peaks, worker_memory
+from pipeline.rl_math import (AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss,
+                              entropy_from_logits, gae, kl_penalised_rewards, masked_mean, masked_whiten,
+                              token_logprobs)
+from pipeline.roles import Roles, has_value_head
+from pipeline.stages import common
+
+STAGE = "ppo"
+POLICY, REFERENCE, REWARD, CRITIC = "policy", "reference", "reward", "critic"
+
+
+def build_roles(cfg: RunConfig, base: torch.nn.Module, inputs: dict[str, str | None]) -> Roles:
+    """The four PPO roles on one base; ``inputs`` maps policy/reference/reward/critic to folders.
+
+    ``reference`` None: the base with adapters disabled; ``policy`` or ``critic`` None: a fresh
+    adapter from the ``adapter`` block (the critic then with a zero value head).
+    """
+    roles = Roles(base)
+    fresh = adapter_config(cfg.adapter, cfg.model)
+    roles.add(POLICY, inputs.get("policy") or fresh, trainable=True)
+    if inputs.get("reference") is None:
+        roles.add_base(REFERENCE)
+    else:
+        roles.add(REFERENCE, inputs["reference"], trainable=False)
+    if inputs.get("reward") is None:
+        raise ValueError("ppo.reward_adapter: the PPO stage needs a reward model adapter")
+    roles.add(REWARD, inputs["reward"], trainable=False, value_head="file")
+    critic = inputs.get("critic")
+    if critic is not None:
+        roles.add(CRITIC, critic, trainable=True, value_head="file" if has_value_head(critic) else "zero")
+    else:
+        roles.add(CRITIC, fresh, trainable=True, value_head="zero")
+    roles.primary = POLICY
+    return roles
+
+
+def kl_controller(spec: PPOSpec, coef: float | None = None):
+    start = spec.kl.coef if coef is None else coef
+    if spec.kl.controller == "fixed":
+        return FixedKLController(start)
+    return AdaptiveKLController(start, spec.kl.target, spec.kl.horizon)
+
+
+# ------------------------------------------------------------------------------- rollout
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses, re-packed right-padded, with everything PPO needs.
+
+    ``input_ids``/``attention_mask``: ``[B, L]`` prompt + response; per-token tensors are
+    ``[B, T]`` in response order; ``index[b, t]`` is the position in ``logits[:, :-1]`` that
+    predicts response token ``t`` of row ``b`` (and where the critic's value for it is read).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    index: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    ended: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[idx] for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+
+def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generated: torch.Tensor, eos_id: int,
+         pad_id: int) -> Rollout:
+    """Re-pack left-padded prompts and their generated continuations as right-padded rows.
+
+    A response ends after its first ``eos_id`` (kept); a row that never emits one keeps all its
+    tokens and is marked not ``ended``.
+    """
+    rows, starts, lengths, ended = [], [], [], []
+    for p_ids, p_mask, gen in zip(prompt_ids.tolist(), prompt_mask.tolist(), generated.tolist()):
+        prompt = [t for t, m in zip(p_ids, p_mask) if m]
+        stop = gen.index(eos_id) + 1 if eos_id in gen else len(gen)
+        response = gen[:stop]
+        rows.append(prompt + response)
+        starts.append(len(prompt))
+        lengths.append(len(response))
+        ended.append(eos_id in gen)
+    width, steps = max(len(r) for r in rows), max(lengths)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    tokens = torch.full((len(rows), steps), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), steps), dtype=torch.long)
+    index = torch.zeros((len(rows), steps), dtype=torch.long)
+    for b, (row, start, n) in enumerate(zip(rows, starts, lengths)):
+        ids[b, :len(row)] = torch.tensor(row)
+        attn[b, :len(row)] = 1
+        tokens[b, :n] = torch.tensor(row[start:start + n])
+        mask[b, :n] = 1
+        index[b, :n] = torch.arange(start - 1, start - 1 + n)
+    return Rollout(ids, attn, index, tokens, mask, torch.tensor(ended))
+
+
+def _gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, t], ...]`` for ``x`` of shape ``[B, L, ...]``."""
+    if x.dim() == 2:
+        return torch.gather(x, 1, index)
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def policy_terms(roles: Roles, role: str, rows: dict[str, torch.Tensor], temperature: float,
+                 with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities (and entropies) of the response tokens under ``role``, ``[B, T]``."""
+    logits = roles.logits(role, rows["input_ids"], rows["attention_mask"])[:, :-1]
+    picked = _gather_positions(logits, rows["index"]) / temperature
+    logp = token_logprobs(picked, rows["tokens"])
+    return logp, (entropy_from_logits(picked) if with_entropy else None)
+
+
+def critic_values(roles: Roles, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    values = roles.values(CRITIC, rows["input_ids"], rows["attention_mask"])[:, :-1]
+    return _gather_positions(values, rows["index"])
+
+
+@torch.no_grad()
+def make_rollout(roles: Roles, prompts: dict[str, torch.Tensor], spec: PPOSpec, tokenizer,
+                 chunk: int) -> Rollout:
+    """Sample responses with the policy, then score them with every role (in chunks of ``chunk``)."""
+    g = spec.generation
+    with roles.use(POLICY) as model:
+        out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                             do_sample=True, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                             top_k=g.top_k, top_p=g.top_p, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    generated = out[:, prompts["input_ids"].shape[1]:].cpu()
+    device = prompts["input_ids"].device
+    ro = pack(prompts["input_ids"].cpu(), prompts["attention_mask"].cpu(), generated, tokenizer.eos_token_id,
+              tokenizer.pad_token_id)
+    for name in ("input_ids", "attention_mask", "index", "tokens", "mask", "ended"):
+        setattr(ro, name, getattr(ro, name).to(device))
+    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
+    for start in range(0, ro.input_ids.shape[0], chunk):
+        rows = ro.rows(torch.arange(start, min(start + chunk, ro.input_ids.shape[0]), device=device))
+        parts["logprobs"].append(policy_terms(roles, POLICY, rows, g.temperature)[0])
+        parts["ref_logprobs"].append(policy_terms(roles, REFERENCE, rows, g.temperature)[0])
+        parts["values"].append(critic_values(roles, rows))
+        parts["scores"].append(roles.scores(REWARD, rows["input_ids"], rows["attention_mask"]))
+    for name, chunks in parts.items():
+        setattr(ro, name, torch.cat(chunks))
+    mask = ro.mask.float()
+    ro.logprobs, ro.ref_logprobs, ro.values = ro.logprobs * mask, ro.ref_logprobs * mask, ro.values * mask
+    return ro
+
+
+def add_advantages(ro: Rollout, spec: PPOSpec, kl_coef: float) -> None:
+    """KL-penalised rewards, GAE advantages and returns (whitened as configured), in place."""
+    scores = ro.scores.float()
+    if spec.missing_eos_penalty is not None:
+        scores = scores - spec.missing_eos_penalty * (~ro.ended).float()
+    rewards, kl = kl_penalised_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.mask, kl_coef)
+    if spec.whiten_rewards:
+        rewards = masked_whiten(rewards, ro.mask, shift_mean=False)
+    advantages, returns = gae(rewards, ro.values, ro.mask, spec.gamma, spec.lam)
+    if spec.whiten_advantages:
+        advantages = masked_whiten(advantages, ro.mask)
+    ro.rewards, ro.kl, ro.advantages, ro.returns = rewards, kl, advantages, returns
+
+
+def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, optimizer: torch.optim.Optimizer,
+               params: list[torch.nn.Parameter], generator: torch.Generator) -> dict[str, float]:
+    """``ppo_epochs`` x ``minibatches`` optimiser steps on one rollout; returns mean statistics."""
+    n = ro.input_ids.shape[0]
+    size = n // spec.minibatches
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
+                                                     "value_clip_fraction", "approx_kl", "entropy")}
+    for _ in range(spec.ppo_epochs):
+        order = torch.randperm(n, generator=generator).to(ro.input_ids.device)
+        for start in range(0, n, size):
+            rows = ro.rows(order[start:start + size])
+            logp, entropy = policy_terms(roles, POLICY, rows, spec.generation.temperature, with_entropy=True)
+            pol = clipped_policy_loss(logp, rows["logprobs"], rows["advantages"], rows["mask"], spec.cliprange)
+            values = critic_values(roles, rows)
+            v_loss, v_clip = clipped_value_loss(values, rows["values"], rows["returns"], rows["mask"],
+                                                spec.cliprange_value)
+            (pol.loss + spec.vf_coef * v_loss).backward()
+            engine.all_reduce_gradients(params)
+            if spec.max_grad_norm:  # per role: the critic's early, large value errors must not shrink the policy's step
+                for role in (POLICY, CRITIC):
+                    torch.nn.utils.clip_grad_norm_(roles.trainable_parameters(role), spec.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in (("policy_loss", pol.loss.detach()), ("value_loss", v_loss.detach()),
+                               ("clip_fraction", pol.clip_fraction),
+                               ("value_clip_fraction", v_clip), ("approx_kl", pol.approx_kl),
+                               ("entropy", masked_mean(entropy.detach(), rows["mask"]))):
+                stats[key].append(float(value))
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+@torch.no_grad()
+def evaluate(roles: Roles, prompts, collate: PromptCollator, spec: PPOSpec, tokenizer, worker: engine.Worker,
+             seed: int) -> dict[str, float]:
+    """Mean reward, KL to the reference and response length of sampled responses to the held-out
+    prompts (sharded over workers; sampling seeded, so a repeat on the same policy is identical)."""
+    mine = list(range(worker.rank, len(prompts), worker.world_size))
+    sums = [0.0, 0.0, 0.0, 0.0]  # reward, kl, length, rows
+    torch.manual_seed(seed + worker.rank)
+    chunk = spec.rollout_batch_size // spec.minibatches
+    for i in range(0, len(mine), spec.rollout_batch_size):
+        batch = common.to_device(collate([prompts[j] for j in mine[i:i + spec.rollout_batch_size]]), worker.device)
+        ro = make_rollout(roles, batch, spec, tokenizer, chunk)
+        kl = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1)
+        sums = [a + b for a, b in zip(sums, [ro.scores.sum().item(), kl.sum().item(),
+                                             ro.mask.sum().item(), float(len(kl))])]
+    reward, kl, length, n = engine.all_reduce(sums, op="sum")
+    n = max(n, 1.0)
+    return {"eval_reward": reward / n, "eval_kl": kl / n, "eval_response_length": length / n}
+
+
+def rollout_stats(ro: Rollout, kl_coef: float) -> dict[str, float]:
+    mask = ro.mask.float()
+    kl_seq = ro.kl.sum(1)
+    return {"reward_mean": ro.scores.mean().item(), "reward_std": ro.scores.std(unbiased=False).item(),
+            "kl": kl_seq.mean().item(), "kl_coef": kl_coef, "non_score_reward": (-kl_coef * kl_seq).mean().item(),
+            "response_length": mask.sum(1).mean().item(), "eos_fraction": ro.ended.float().mean().item(),
+            "value_mean": masked_mean(ro.values, mask).item(), "return_mean": masked_mean(ro.returns, mask).item()}
+
+
+# ------------------------------------------------------------------------------- worker
+
+def train_loop(payload: dict[str, Any]) -> None:
+    cfg = RunConfig.model_validate(payload["config"])
+    spec = cfg.ppo
+    worker = engine.setup_worker(cfg)
+    logger = tracking.RunLogger(payload["tracking_uri"], payload["run_id"], enabled=worker.is_main)
+    reset_gpu_peaks(worker.device)
+
+    tokenizer = load_tokenizer(cfg.model)
+    roles = build_roles(cfg, load_base_model(cfg.model, worker.device), payload["inputs"])
+    roles.eval()  # no dropout anywhere: rollout and update see the same functions
+    prompt_room = cfg.data.max_length - spec.generation.max_new_tokens
+    if prompt_room < 8:
+        raise ValueError(f"ppo.generation.max_new_tokens: {spec.generation.max_new_tokens} leaves "
+                         f"{prompt_room} of data.max_length={cfg.data.max_length} for the prompt")
+    prompts = tokenize_prompts(prompt_rows(cfg, spec.data, "ppo.data"), tokenizer, prompt_column=spec.data.column,
+                               prompt_template=cfg.data.prompt_template, max_length=prompt_room)
+    if spec.eval_prompts >= len(prompts):
+        raise ValueError(f"ppo.eval_prompts: {spec.eval_prompts} held-out prompts leave none of {len(prompts)} "
+                         "for training")
+    eval_prompts = prompts.select(range(len(prompts) - spec.eval_prompts, len(prompts)))
+    prompts = prompts.select(range(len(prompts) - spec.eval_prompts))
+    collate = PromptCollator(pad_token_id=tokenizer.pad_token_id)
+    steps_per_epoch, _ = common.total_steps(len(prompts), spec.rollout_batch_size, worker, epochs=1.0,
+                                            max_steps=None, batch_field="ppo.rollout_batch_size")
+    total = spec.max_steps
+
+    params = roles.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    scheduler = engine.make_scheduler(optimizer, spec.lr_scheduler, spec.warmup_steps, total)
+    state: dict[str, Any] = {"step": 0, "kl_coef": spec.kl.coef}
+    resumed = common.resume_folder(payload)
+    if resumed is not None:
+        state = checkpoint.restore(resumed, roles, optimizer, scheduler)
+        engine.say(f"[ppo] resumed from step {state['step']}")
+    kl_ctl = kl_controller(spec, state["kl_coef"])
+
+    held_out = sft_rows(cfg)[1] if cfg.eval.rouge else None
+    if worker.is_main:
+        census = roles.parameter_census()
+        logger.log({"trainable_params": sum(p.numel() for p in params), "prompts": len(prompts),
+                    "base_params": census["base_params"], "base_params_missing": census["base_missing"],
+                    "non_base_non_role_params": census["other_params"]}, step=0)
+    if cfg.eval.rouge and "rouge_before" not in state:
+        with roles.use(POLICY) as model:
+            state["rouge_before"] = common.held_out_rouge(model, tokenizer, held_out, cfg, worker)
+        logger.log({f"{k}_before": v for k, v in state["rouge_before"].items()}, step=0)
+    if spec.eval_prompts and "eval_before" not in state:
+        state["eval_before"] = evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed)
+        logger.log(state["eval_before"], step=0)
+        if worker.is_main:
+            engine.say(f"[ppo] held-out reward {state['eval_before']['eval_reward']:.3f} before training")
+
+    throughput = Throughput()
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + worker.rank)
+    chunk = spec.rollout_batch_size // spec.minibatches
+    step = state["step"]
+    while step < total:
+        t0 = time.perf_counter()
+        epoch, within = divmod(step, steps_per_epoch)
+        ids = common.epoch_batches(len(prompts), spec.rollout_batch_size, worker, cfg.seed, epoch)[within]
+        batch = common.to_device(collate([prompts[j] for j in ids]), worker.device)
+        torch.manual_seed(cfg.seed * 100003 + step * 97 + worker.rank)  # sampling: reproducible per step
+        ro = make_rollout(roles, batch, spec, tokenizer, chunk)
+        add_advantages(ro, spec, kl_ctl.value)
+        figures = rollout_stats(ro, kl_ctl.value)
+        updates = ppo_update(roles, ro, spec, optimizer, params, generator)
+        scheduler.step()
+        n_tokens = int(ro.attention_mask.sum().item())
+        throughput.add(n_tokens)
+        step += 1
+        state["step"] = step
+
+        keys = list(figures) + list(updates)
+        means = engine.all_reduce([figures[k] for k in figures] + [updates[k] for k in updates], op="mean")
+        metrics = dict(zip(keys, means))
+        kl_ctl.update(metrics["kl"], spec.rollout_batch_size * worker.world_size)
+        state["kl_coef"] = kl_ctl.value
+        memory = engine.all_gather(worker_memory(worker.device))
+        metrics.update({k: max(m[k] for m in memory) for k in memory[0]})
+        metrics["tokens_per_s"] = engine.all_reduce([n_tokens / (time.perf_counter() - t0)], op="sum")[0]
+        metrics["learning_rate"] = scheduler.get_last_lr()[0]
+        if step % spec.log_every == 0 or step == total:
+            logger.log(metrics, step=step)
+            if worker.is_main:
+                engine.say(f"[ppo] step {step}/{total} reward {metrics['reward_mean']:.3f} "
+                           f"kl {metrics['kl']:.3f} (coef {metrics['kl_coef']:.3f}) entropy {metrics['entropy']:.3f} "
+                           f"clip {metrics['clip_fraction']:.3f} vloss {metrics['value_loss']:.3f} "
+                           f"len {metrics['response_length']:.1f}")
+        if spec.eval_prompts and spec.eval_every and step % spec.eval_every == 0 and step < total:
+            logger.log(evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed), step=step)
+        if step % spec.checkpoint_every == 0 and step < total:
+            logger.flush()
+            common.report(worker, {"step": step}, roles, optimizer, scheduler, state)
+
+    final: dict[str, float] = {"train_seconds": time.perf_counter() - started}
+    if spec.eval_prompts:
+        after = evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed)
+        logger.log(after, step=step)
+        final.update({f"{k}_after": v for k, v in after.items()})
+        final.update({f"{k}_before": v for k, v in state["eval_before"].items()})
+        if worker.is_main:
+            engine.say(f"[ppo] held-out reward {state['eval_before']['eval_reward']:.3f} -> "
+                       f"{after['eval_reward']:.3f}, KL to reference {after['eval_kl']:.3f}")
+    if cfg.eval.rouge:
+        with roles.use(POLICY) as model:
+            after = common.held_out_rouge(model, tokenizer, held_out, cfg, worker)
+        final.update({f"{k}_after": v for k, v in after.items()})
+        final.update({f"{k}_before": v for k, v in state["rouge_before"].items()})
+    final.update(common.resource_figures(worker, throughput))
+    logger.log(final, step=step)
+    logger.flush()
+    common.report(worker, {"step": step, "done": 1, **final}, roles, optimizer, scheduler, state)

@@ -1,0 +1,163 @@
+"""Reward model: an adapter plus a scalar value head, trained on preference pairs.
+
+Loss: Bradley-Terry, ``-log sigmoid(r(chosen) - r(rejected))``, where ``r`` is the value head
+on the final hidden state at the last non-padding token of ``prompt + response + eos``. One
+forward scores both sides (a ``PairCollator`` batch holds the B chosen rows, then the B
+rejected). Metrics: train loss / accuracy / margin per logging window, and held-out pair
+accuracy, margin and loss before training, every ``eval_every`` steps and after.
+
+The published adapter folder holds the PEFT adapter plus ``value_head.safetensors``
+(``pipeline.roles``); the PPO stage loads it as its reward role.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from pipeline import checkpoint, engine, tracking
+from pipeline.config import PairColumns, RunConfig
+from pipeline.data import PairCollator, count_tokens, split_pairs, tokenize_pairs
+from pipeline.inputs import pair_rows
+from pipeline.modeling import adapter_config, load_base_model, load_tokenizer
+from pipeline.resources import Throughput, reset_gpu_peaks
+from pipeline.rl_math import bradley_terry_loss
+from pipeline.roles import Roles, has_value_head
+from pipeline.stages import common
+
+STAGE = "reward"
+ROLE = "reward"
+
+
+def build_roles(cfg: RunConfig, base: torch.nn.Module, init_dir: str | None) -> Roles:
+    """The reward role on ``base``: continued from ``init_dir`` (e.g. the SFT adapter) or fresh."""
+    roles = Roles(base)
+    if init_dir is not None:
+        roles.add(ROLE, init_dir, trainable=True, value_head="file" if has_value_head(init_dir) else "zero")
+    else:
+        roles.add(ROLE, adapter_config(cfg.adapter, cfg.model), trainable=True, value_head="zero")
+    return roles
+
+
+def tokenized_pairs(cfg: RunConfig, rows, tokenizer, columns: PairColumns):
+    """Pairs formatted like SFT rows: ``data.prompt_template``, ``data.max_length``, eos appended."""
+    return tokenize_pairs(rows, tokenizer, prompt_column=columns.prompt, chosen_column=columns.chosen,
+                          rejected_column=columns.rejected, prompt_template=cfg.data.prompt_template,
+                          max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+
+
+def pair_scores(roles: Roles, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return split_pairs(roles.scores(ROLE, batch["input_ids"], batch["attention_mask"]))
+
+
+@torch.no_grad()
+def evaluate(roles: Roles, dataset, collate: PairCollator, worker: engine.Worker,
+             batch_size: int) -> dict[str, float]:
+    """Held-out pair accuracy (ties count as wrong), mean margin and loss; rows sharded over workers."""
+    roles.eval()
+    sums = [0.0, 0.0, 0.0, 0.0]  # correct, margin, loss, rows
+    mine = list(range(worker.rank, len(dataset), worker.world_size))
+    for i in range(0, len(mine), batch_size):
+        batch = common.to_device(collate([dataset[j] for j in mine[i:i + batch_size]]), worker.device)
+        chosen, rejected = pair_scores(roles, batch)
+        margin = chosen - rejected
+        sums[0] += (margin > 0).float().sum().item()
+        sums[1] += margin.sum().item()
+        sums[2] += -torch.nn.functional.logsigmoid(margin).sum().item()
+        sums[3] += len(margin)
+    correct, margin, loss, n = engine.all_reduce(sums, op="sum")
+    roles.train()
+    n = max(n, 1.0)
+    return {"eval_accuracy": correct / n, "eval_margin": margin / n, "eval_loss": loss / n}
+
+
+def train_loop(payload: dict[str, Any]) -> None:
+    cfg = RunConfig.model_validate(payload["config"])
+    spec = cfg.reward
+    worker = engine.setup_worker(cfg)
+    logger = tracking.RunLogger(payload["tracking_uri"], payload["run_id"], enabled=worker.is_main)
+    reset_gpu_peaks(worker.device)
+
+    tokenizer = load_tokenizer(cfg.model)
+    roles = build_roles(cfg, load_base_model(cfg.model, worker.device), payload["inputs"].get("init"))
+    train_rows, held_out = pair_rows(cfg, spec.data, "reward.data")
+    train_set, truncation = tokenized_pairs(cfg, train_rows, tokenizer, spec.data.columns)
+    eval_set, _ = tokenized_pairs(cfg, held_out, tokenizer, spec.data.columns)
+    collate = PairCollator(pad_token_id=tokenizer.pad_token_id)
+
+    steps_per_epoch, total = common.total_steps(len(train_set), spec.batch_size, worker, epochs=spec.epochs,
+                                                max_steps=spec.max_steps, batch_field="reward.batch_size")
+    params = roles.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    scheduler = engine.make_scheduler(optimizer, spec.lr_scheduler, spec.warmup_steps, total)
+
+    state: dict[str, Any] = {"step": 0}
+    resumed = common.resume_folder(payload)
+    if resumed is not None:
+        state = checkpoint.restore(resumed, roles, optimizer, scheduler)
+        engine.say(f"[reward] resumed from step {state['step']}")
+
+    if worker.is_main:
+        n_train = sum(p.numel() for p in params)
+        logger.log({"trainable_params": n_train, "train_pairs": len(train_set), "eval_pairs": len(eval_set),
+                    "truncated_pairs": truncation.truncated}, step=0)
+    if "eval_before" not in state:
+        state["eval_before"] = evaluate(roles, eval_set, collate, worker, spec.batch_size * 2)
+        logger.log(state["eval_before"], step=0)
+
+    roles.train()
+    throughput = Throughput()
+    started = time.perf_counter()
+    window: list[list[float]] = []
+    step = state["step"]
+    while step < total:
+        epoch, within = divmod(step, steps_per_epoch)
+        for ids in common.epoch_batches(len(train_set), spec.batch_size, worker, cfg.seed, epoch)[within:]:
+            batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
+            chosen, rejected = pair_scores(roles, batch)
+            loss = bradley_terry_loss(chosen, rejected)
+            loss.backward()
+            engine.all_reduce_gradients(params)
+            if spec.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            margin = (chosen - rejected).detach()
+            window.append([loss.item(), (margin > 0).float().mean().item(), margin.mean().item()])
+            throughput.add(count_tokens(batch))
+            step += 1
+            state["step"] = step
+
+            if step % spec.log_every == 0 or step == total:
+                means = [sum(col) / len(col) for col in zip(*window)]
+                loss_m, acc_m, margin_m, tok_s = engine.all_reduce(means + [throughput.window()], op="mean")
+                window = []
+                logger.log({"train_loss": loss_m, "train_accuracy": acc_m, "train_margin": margin_m,
+                            "learning_rate": scheduler.get_last_lr()[0],
+                            "tokens_per_s": tok_s * worker.world_size, "epoch": step / steps_per_epoch}, step=step)
+                if worker.is_main:
+                    engine.say(f"[reward] step {step}/{total} loss {loss_m:.4f} acc {acc_m:.3f} "
+                               f"margin {margin_m:.3f}")
+            if spec.eval_every and step % spec.eval_every == 0 and step < total:
+                logger.log(evaluate(roles, eval_set, collate, worker, spec.batch_size * 2), step=step)
+            if step % spec.checkpoint_every == 0 and step < total:
+                logger.flush()
+                common.report(worker, {"step": step}, roles, optimizer, scheduler, state)
+            if step >= total:
+                break
+
+    final: dict[str, float] = {"train_seconds": time.perf_counter() - started}
+    after = evaluate(roles, eval_set, collate, worker, spec.batch_size * 2)
+    logger.log(after, step=step)
+    final.update({f"{k}_after": v for k, v in after.items()})
+    final.update({f"{k}_before": v for k, v in state["eval_before"].items()})
+    final.update(common.resource_figures(worker, throughput))
+    if worker.is_main:
+        engine.say(f"[reward] held-out accuracy {state['eval_before']['eval_accuracy']:.3f} -> "
+                   f"{after['eval_accuracy']:.3f}, margin {after['eval_margin']:.3f}")
+    logger.log(final, step=step)
+    logger.flush()
+    common.report(worker, {"step": step, "done": 1, **final}, roles, optimizer, scheduler, state)
