@@ -2,7 +2,8 @@
 
 Methods: LoRA (with DoRA, and on bitsandbytes 4-/8-bit bases), IA3, LoHa, LoKr, AdaLoRA, bottleneck
 adapters, LLaMA-Adapter, and the virtual-token methods prompt tuning, multitask prompt tuning,
-P-tuning and prefix tuning.
+P-tuning and prefix tuning. Several adapters can serve one batch: ``model(..., adapter_names=[...])``
+runs each row with its own adapter (:mod:`adapters.mixed_batch`).
 
 Depends on torch, safetensors and (for GPT-2's ``Conv1D``) transformers -- never on ``peft``.
 """
@@ -23,6 +24,7 @@ from .llama_adapter import AdaptedAttention, AdaptionPromptConfig
 from .loha import LoHaConfig, LoHaLayer
 from .lokr import LoKrConfig, LoKrLayer
 from .lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
+from .mixed_batch import BASE_ADAPTER
 from .model import AdapterModel, get_adapter_model
 from .modules_to_save import ModulesToSaveWrapper
 from .multitask_prompt_tuning import MultitaskPromptEmbedding, MultitaskPromptTuningConfig
@@ -41,6 +43,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "AdapterModel",
+    "BASE_ADAPTER",
     "BottleneckConfig",
     "BottleneckLayer",
     "IA3Config",

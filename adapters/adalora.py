@@ -343,6 +343,8 @@ class AdaLoraLayer(AdapterLayer):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self._routing is not None:
+            return self._grouped_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._forward_adapters:
             a, b, e = self.lora_A[name], self.lora_B[name], self.lora_E[name]

@@ -210,6 +210,8 @@ class BottleneckLayer(UnmergeableAdapterLayer):
         return self.adapter_up[adapter_name](self.adapter_act[adapter_name](down(h)))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._routing is not None and not self.disable_adapters:
+            return self._grouped_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or not self._forward_adapters:
             return result

@@ -222,6 +222,8 @@ class IA3Layer(AdapterLayer):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self._routing is not None:
+            return self._grouped_forward(x, *args, **kwargs)
         if not self._forward_adapters:
             return self.base_layer(x, *args, **kwargs)
         scale_in, scale_out = self._scales()

@@ -10,10 +10,12 @@ that a new method only writes its parameters, its forward and its delta weight.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from .mixed_batch import RowRouting, gather_groups, take_rows
 
 
 class AdapterLayer(nn.Module):
@@ -36,6 +38,9 @@ class AdapterLayer(nn.Module):
         # Adapters that forward must add on top of base_layer (active, present here, not merged);
         # kept precomputed so the hot path does no filtering.
         self._forward_adapters: tuple[str, ...] = ()
+        # Per-row adapter choice of a mixed-adapter batch, set by ``adapters.mixed_batch.routed``
+        # for the duration of one forward/generate call (None otherwise).
+        self._routing: RowRouting | None = None
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -106,6 +111,30 @@ class AdapterLayer(nn.Module):
         """What a checkpoint holds for ``adapter_name``: :meth:`adapter_tensors` unless a method saves
         less than it trains (AdaLoRA drops the triplets its rank allocator masked, as PEFT does)."""
         return self.adapter_tensors(adapter_name)
+
+    # ------------------------------------------------------------------ mixed-adapter batches
+    def _grouped_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A mixed batch through any wrapper: each row group runs this layer's own forward on its
+        rows with only its adapter on (rows of names this layer does not hold: the base alone).
+
+        The groups partition the rows, so the base work is still one pass over the batch. Methods
+        with a cheaper split (LoRA adds per-group low-rank products to one base output) override
+        their routing; see :mod:`adapters.mixed_batch`.
+        """
+        routing = self._routing
+        assert routing is not None
+        held = set(self.adapter_names)
+        saved = self._forward_adapters
+        outputs: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        self._routing = None  # the per-group calls below are plain forwards
+        try:
+            for name, rows in routing.groups(x.shape[0], x.device):
+                self._forward_adapters = (name,) if name in held else ()
+                outputs.append((rows, self.forward(take_rows(x, rows), *args, **kwargs)))
+        finally:
+            self._forward_adapters = saved
+            self._routing = routing
+        return gather_groups(outputs)
 
     # ------------------------------------------------------------------ merging
     def base_weight(self) -> torch.Tensor:

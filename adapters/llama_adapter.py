@@ -36,6 +36,7 @@ from torch import nn
 
 from .config import AdapterConfig, register_config
 from .layer import AdapterLayer, UnmergeableAdapterLayer
+from .mixed_batch import add_rows, take_rows
 from .targeting import iter_modules, suffix_match, unwrap
 
 DEFAULT_TARGET = "self_attn"
@@ -205,7 +206,7 @@ class AdaptedAttention(UnmergeableAdapterLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         outputs = self.base_layer(*args, **kwargs)
-        if self.disable_adapters or not self._forward_adapters:
+        if self.disable_adapters or (not self._forward_adapters and self._routing is None):
             return outputs
         if kwargs.get("output_attentions"):
             raise ValueError("LLaMA-Adapter does not report attention weights; call without output_attentions")
@@ -213,6 +214,13 @@ class AdaptedAttention(UnmergeableAdapterLayer):
         position_embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
         attn_output, *rest = outputs if isinstance(outputs, tuple) else (outputs,)
         query = self._queries(hidden_states, position_embeddings)
+        if self._routing is not None:  # mixed-adapter batch: each row group attends to its own prompt
+            held = set(self.adapter_names)
+            for name, rows in self._routing.groups(query.shape[0], query.device):
+                if name in held:
+                    delta = self._project_out(self.prompt_attention(name, take_rows(query, rows)))
+                    attn_output = add_rows(attn_output, rows, delta)
+            return (attn_output, *rest) if isinstance(outputs, tuple) else attn_output
         for name in self._forward_adapters:
             delta = self._project_out(self.prompt_attention(name, query))
             attn_output = attn_output + delta.to(attn_output.dtype)

@@ -35,6 +35,7 @@ from torch import nn
 from . import quantization as quant
 from .config import AdapterConfig, register_config
 from .layer import AdapterLayer
+from .mixed_batch import add_rows, take_rows
 
 try:  # GPT-2 style layers; transformers is an optional dependency for this module
     from transformers.pytorch_utils import Conv1D
@@ -640,11 +641,33 @@ class LoraLinear(LoraLayer):
         _rows(out).addmm_(_rows(h), b.t(), alpha=scaling)  # type: ignore[union-attr]
         return out
 
+    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A mixed-adapter batch: the base GEMM once, then each adapter group's low-rank (or DoRA)
+        update added into its own rows -- one ``A``/``B`` product per adapter present in the batch."""
+        result = self.base_layer(x, *args, **kwargs)
+        base_out = result
+        for name, rows in self._routing.groups(x.shape[0], x.device):  # type: ignore[union-attr]
+            if name not in self.lora_A:
+                continue  # "__base__" or an adapter that does not adapt this module
+            sub = take_rows(x, rows)
+            if name in self.lora_magnitude_vector:
+                delta = self._dora_delta(name, sub, take_rows(base_out, rows))
+            else:
+                lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+                h = sub if sub.dtype == lora_a.weight.dtype else sub.to(lora_a.weight.dtype)
+                if name in self._dropout_on and self.training:
+                    h = self.lora_dropout[name](h)
+                delta = lora_b(lora_a(h)) * self.scaling[name]
+            result = add_rows(result, rows, delta)
+        return result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self._routing is not None:
+            return self._mixed_forward(x, *args, **kwargs)
         if self._fused_plan is not None and not args and not kwargs:
             fused = self._fused_forward(x)
             if fused is not None:
@@ -752,6 +775,8 @@ class LoraEmbedding(LoraLayer):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self._routing is not None:
+            return self._grouped_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if not self._forward_adapters:
             return result

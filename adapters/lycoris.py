@@ -192,6 +192,8 @@ class LycorisLayer(AdapterLayer):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self._routing is not None:
+            return self._grouped_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._forward_adapters:
             p_module = self.module_dropout[name]

@@ -26,6 +26,7 @@ from .injection import (
     set_disabled,
     unload,
 )
+from .mixed_batch import BASE_ADAPTER, routed
 from .serialization import (
     LoadResult,
     get_adapter_state_dict,
@@ -118,7 +119,14 @@ class AdapterModel(nn.Module):
         config = self.peft_config[self._active_adapter]
         return config if isinstance(config, PromptLearningConfig) else None
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The model's forward with the active adapter, or -- given ``adapter_names``, one adapter
+        name (or ``"__base__"``) per batch row -- each row with its own adapter (a mixed-adapter
+        batch, see :mod:`adapters.mixed_batch`)."""
+        if adapter_names is not None:
+            kwargs.pop("task_ids", None)
+            with self._mixed_batch(adapter_names, args, kwargs):
+                return self.base_model.model(*args, **kwargs)
         config = self._active_virtual()
         if config is None:
             kwargs.pop("task_ids", None)  # only multitask prompt tuning reads them (as in PEFT)
@@ -126,13 +134,51 @@ class AdapterModel(nn.Module):
         encoder = self.prompt_encoder[self.active_adapter]
         return virtual_forward(self.get_base_model(), config, encoder, *args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """``generate`` with the active adapter, or each row with its ``adapter_names`` entry."""
+        if adapter_names is not None:
+            kwargs.pop("task_ids", None)
+            with self._mixed_batch(adapter_names, args, kwargs):
+                return self.base_model.model.generate(*args, **kwargs)
         config = self._active_virtual()
         if config is None:
             kwargs.pop("task_ids", None)
             return self.base_model.model.generate(*args, **kwargs)
         encoder = self.prompt_encoder[self.active_adapter]
         return virtual_generate(self.get_base_model(), config, encoder, *args, **kwargs)
+
+    def _mixed_batch(
+        self, adapter_names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> contextlib.AbstractContextManager[Any]:
+        """Check a mixed-adapter call and return the context that routes rows to adapters."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}")
+        names = list(adapter_names)
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(
+                f"adapter_names: unknown adapter(s) {unknown}; have {list(self.peft_config)} (or {BASE_ADAPTER!r})"
+            )
+        virtual = sorted({n for n in names if n != BASE_ADAPTER and _is_virtual(self.peft_config[n])})
+        if virtual or self._active_virtual() is not None:
+            which = virtual[0] if virtual else self.active_adapter
+            raise ValueError(
+                f"adapter_names: mixed-adapter batches route weight-space adapters; {which!r} is a virtual-token "
+                "adapter (its tokens change the sequence, not a layer)"
+            )
+        root = self.get_base_model()
+        if any(layer.merged for _, layer in adapter_layers(root)):
+            raise ValueError("adapter_names: unmerge the merged adapters first (unmerge_adapter()); a merged adapter "
+                             "would apply to every row")
+        batch = _batch_rows(args, kwargs)
+        if batch is not None and batch != len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch} rows")
+        if torch.is_grad_enabled() and self.training and _uses_activation_checkpointing(root):
+            raise ValueError(
+                "adapter_names: mixed-adapter batches cannot train under gradient checkpointing (the recomputed "
+                "forward would not see the routing); disable it or run without grad"
+            )
+        return routed(root, names)
 
     def prepare_for_gradient_checkpointing(self) -> None:
         """Make the embedding output require grad so reentrant checkpointing reaches the adapters."""
@@ -424,6 +470,14 @@ class AdapterModel(nn.Module):
             wrapped.peft_config[adapter_name].inference_mode = not is_trainable
             wrapped._refresh_trainable()
         return wrapped
+
+
+def _batch_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """Rows of the batch a forward/generate call was given (``None`` when it cannot tell)."""
+    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None
 
 
 def _inference_mode_for_build(config: AdapterConfig, is_trainable: bool) -> bool:

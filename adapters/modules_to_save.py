@@ -24,6 +24,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disable_adapters: bool = False
+        # per-row adapter choice of a mixed-adapter batch (see adapters.mixed_batch); None otherwise
+        self._routing: Any = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -63,7 +65,25 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._routing is not None and not self.disable_adapters and args:
+            return self._grouped_forward(*args, **kwargs)
         return self.active_module()(*args, **kwargs)
+
+    def _grouped_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A mixed-adapter batch: each row group through its adapter's copy (others: the original)."""
+        from .mixed_batch import gather_groups, take_rows
+
+        outputs = []
+        for name, rows in self._routing.groups(x.shape[0], x.device):
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            y = module(take_rows(x, rows), *args, **kwargs)
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(
+                    f"mixed-adapter batches need modules_to_save modules that return a tensor; "
+                    f"{type(module).__name__} returned {type(y).__name__}"
+                )
+            outputs.append((rows, y))
+        return gather_groups(outputs)
 
     def __getattr__(self, name: str) -> Any:
         try:
