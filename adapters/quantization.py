@@ -208,9 +208,11 @@ def quantize_linear_layers(
     The in-memory equivalent of loading with ``transformers.BitsAndBytesConfig`` (same layers, same
     quantized values), for models built from a config -- tests and the embedded demo have no
     checkpoint to load. ``skip_modules`` (suffixes) stay in full precision; by default the output
-    head, as transformers does. Quantization happens on each layer's current device. Sets
-    ``model.is_loaded_in_4bit``/``is_loaded_in_8bit``, the flags transformers sets and peft reads.
-    Returns ``model`` (modified in place).
+    head, as transformers does. Like transformers' quantizer, the model's own
+    ``_keep_in_fp32_modules`` (T5's ``wo``, whose forward casts its input to the weight's dtype, a
+    packed uint8 once quantized) are always skipped too. Quantization happens on each layer's
+    current device. Sets ``model.is_loaded_in_4bit``/``is_loaded_in_8bit``, the flags transformers
+    sets and peft reads. Returns ``model`` (modified in place).
     """
     if bits not in (4, 8):
         raise ValueError(f"quantize_linear_layers: bits must be 4 or 8, got {bits!r}")
@@ -223,6 +225,7 @@ def quantize_linear_layers(
         skip = sorted(output_head_names(model, getattr(model, "task_type", None)))
     else:
         skip = list(skip_modules)
+    skip += sorted(keep_in_fp32_module_names(model))
     targets = [
         (name, module)
         for name, module in model.named_modules()
@@ -273,16 +276,33 @@ def quantize_linear_layers(
     return model
 
 
+def keep_in_fp32_module_names(model: nn.Module) -> set[str]:
+    """Module name suffixes the model's classes ask to keep in float32 (transformers'
+    ``_keep_in_fp32_modules`` and ``_keep_in_fp32_modules_strict``, on the model or any submodel)."""
+    names: set[str] = set()
+    for module in model.modules():
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            names.update(getattr(module, attr, None) or ())
+    return names
+
+
 # ---------------------------------------------------------------------- training preparation
-def _is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or name.endswith("Norm") or "RMSNorm" in name
-
-
 def _upcast(params: Iterable[torch.Tensor]) -> None:
     for param in params:
         if param.dtype in (torch.float16, torch.bfloat16) and not is_quantized_param(param):
             param.data = param.data.to(torch.float32)
+
+
+def _all_but_input_embeddings(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter except the input token embedding table's (kept when the output head shares it)."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    table = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    skip = {id(p) for p in table.parameters()} if isinstance(table, nn.Module) else set()
+    if isinstance(head, nn.Module):
+        skip -= {id(p) for p in head.parameters()}  # tied: the head computes the loss, it stays fp32
+    return [p for p in model.parameters() if id(p) not in skip]
 
 
 def make_inputs_require_grad(model: nn.Module) -> None:
@@ -312,9 +332,13 @@ def prepare_model_for_kbit_training(
 
     * every base parameter is frozen (adapters added afterwards are the only trainable tensors);
     * half-precision parameters that are not quantized move to float32: ``keep_in_fp32="all"``
-      (every one: embeddings, norms, head -- what peft does), ``"norms"`` (norm layers and the
-      output head only: saves memory on large vocabularies), or ``"none"``; norms in bf16/fp16
-      are where low-precision training becomes unstable, the head is where the loss is computed;
+      (every one: embeddings, norms, head -- what peft does), ``"norms"`` (every one but the input
+      token embeddings: saves the memory of a large vocabulary table), or ``"none"``; norms in
+      bf16/fp16 are where low-precision training becomes unstable, the head is where the loss is
+      computed. Once a norm runs in float32 the hidden states after it are float32, so under
+      ``"norms"`` every other unquantized weight that meets them (T5's relative position bias,
+      added to float32 attention scores; its fp32-only ``wo``; biases; layers left unquantized)
+      is float32 as well -- a half-precision one would be a dtype mismatch in the forward;
     * with ``use_gradient_checkpointing``: activation checkpointing with
       ``gradient_checkpointing_kwargs`` (default ``{"use_reentrant": False}``) and input
       embeddings whose output requires grad.
@@ -328,13 +352,7 @@ def prepare_model_for_kbit_training(
     if keep_in_fp32 == "all":
         _upcast(model.parameters())
     elif keep_in_fp32 == "norms":
-        for module in model.modules():
-            if _is_norm(module):
-                _upcast(module.parameters(recurse=False))
-        get_out = getattr(model, "get_output_embeddings", None)
-        head = get_out() if callable(get_out) else None
-        if isinstance(head, nn.Module):
-            _upcast(head.parameters())
+        _upcast(_all_but_input_embeddings(model))
     if use_gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if gradient_checkpointing_kwargs is not None:
