@@ -10,13 +10,16 @@ Every stage loop is written once against :class:`Backend`::
   averaged over workers with one flat all-reduce per step, then clipped and applied by AdamW.
   No DDP wrapper: a stage may run several forwards through different adapters (roles) per
   step, which DDP's per-forward hooks do not allow, and adapter gradients are small.
-- :class:`DeepSpeedBackend` (``deepspeed:`` in the YAML, e.g. ``configs/deepspeed/zero3_offload.json``):
+- :class:`DeepSpeedBackend` (``deepspeed:`` in the YAML: ``zero2``, ``zero3``, ``zero3_offload``, a
+  JSON path or a mapping; see ``pipeline.deepspeed_configs``):
   ``deepspeed.initialize`` over the whole adapter model with only the trainable parameters in
   the optimiser. Under ZeRO-3 the frozen base is partitioned too (with parameter offload it
   lives in CPU memory) and gathered layer by layer in forward. Checkpoints hold the adapter
   (gathered from the partitions, never the full model) in PEFT format plus DeepSpeed's own
   partitioned optimiser state, each rank writing its own file; Ray Train merges the ranks'
-  files into one checkpoint.
+  files into one checkpoint. Every forward whose output reaches a loss must go through
+  ``backend.module`` (the engine): DeepSpeed prepares its gradient reduction from hooks it puts
+  on the engine's outputs (``pipeline.roles.Roles.attach_entry`` routes role outputs there).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,18 +107,25 @@ class Backend:
 
 
 class TorchBackend(Backend):
-    """AdamW over the trainable parameters; gradients averaged over workers once per step."""
+    """AdamW over the trainable parameters; gradients averaged over workers once per step.
+
+    ``clip_groups`` clips each group of parameters to ``max_grad_norm`` on its own (PPO: the
+    critic's early, large value errors must not shrink the policy's step); default: all at once.
+    """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, scheduler: str, warmup_steps: int,
-                 total_steps: int, max_grad_norm: float | None) -> None:
+                 total_steps: int, max_grad_norm: float | None,
+                 clip_groups: list[list[nn.Parameter]] | None = None) -> None:
         super().__init__(model)
         self.params = trainable_parameters(model)
+        _broadcast_from_rank0(self.params)  # each worker seeded its fresh adapter differently
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(scheduler, warmup_steps,
                                                                                       total_steps))
         self.max_grad_norm = max_grad_norm
+        self.clip_groups = [g for g in clip_groups if g] if clip_groups else [self.params]
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -121,7 +133,8 @@ class TorchBackend(Backend):
     def step(self) -> None:
         engine.all_reduce_gradients(self.params)
         if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            for group in self.clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -149,6 +162,52 @@ class TorchBackend(Backend):
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         return blob["state"]
+
+
+def _broadcast_from_rank0(params: list[nn.Parameter]) -> None:
+    """Give every worker rank 0's values of ``params`` (one flat broadcast), as DDP does at start."""
+    if not engine.distributed() or not params:
+        return
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    dist.broadcast(flat, src=0)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def _partition_for_zero3(model: nn.Module, ds_config: dict[str, Any]) -> None:
+    """Partition ``model`` for ZeRO-3 now, one tensor at a time, before ``deepspeed.initialize``.
+
+    Otherwise DeepSpeed first moves the whole module to the accelerator and partitions it there:
+    every GPU would hold the full base once, so its peak memory would not shrink with more GPUs.
+    A base loaded on CPU (``pipeline.stages.common.base_device``) thus never sits whole on one
+    GPU; with ``offload_param`` its partitions stay in CPU memory. Floating parameters take the
+    engine's precision first (what DeepSpeed would otherwise cast after partitioning; packed
+    4-bit / int8 weights excepted), and buffers move to the accelerator, which DeepSpeed leaves
+    to the caller for an already partitioned model. Rank 0's values win (DeepSpeed broadcasts).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from adapters.quantization import is_quantized_param
+
+    dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") is True else
+             torch.float16 if ds_config.get("fp16", {}).get("enabled") is True else None)
+    if dtype is not None:
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype and not is_quantized_param(p):
+                p.data = p.data.to(dtype)
+    deepspeed.init_distributed(dist_init_required=False)  # Ray Train's group: Init reads its world size
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    device = torch.device(get_accelerator().current_device_name())
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
 
 
 def load_deepspeed_config(source: str | dict[str, Any]) -> dict[str, Any]:
@@ -199,6 +258,11 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, model: nn.Module, ds_config: dict[str, Any], *, lr: float, weight_decay: float,
                  scheduler: str, warmup_steps: int, total_steps: int) -> None:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # says so instead of warning that it guessed
+        # DeepSpeed 0.19 still calls collectives torch 2.10+ marks deprecated, once per gather.
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|"
+                                                  r"reduce_scatter_tensor).* is deprecated", category=FutureWarning)
         import deepspeed
 
         super().__init__(model)
@@ -206,6 +270,8 @@ class DeepSpeedBackend(Backend):
         self.ds_config = ds_config
         zero = ds_config.get("zero_optimization", {})
         self.zero_stage = int(zero.get("stage", 0))
+        if self.zero_stage == 3:
+            _partition_for_zero3(model, ds_config)
         if "optimizer" in ds_config:
             optimizer = None  # DeepSpeed builds the one the file names
         else:
@@ -260,8 +326,8 @@ class DeepSpeedBackend(Backend):
             _mark_complete(folder, state)
 
     def restore(self, folder: Path, *, read_adapter: Callable[[Path], None]) -> dict[str, Any]:
-        from pipeline import checkpoint
-
+        """DeepSpeed's own files hold the trainable weights (as partitions) next to the optimiser's,
+        so ``read_adapter`` is not needed here: the PEFT folder is for people and later stages."""
         _require_complete(folder)
         _, client = self.engine.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG, load_module_strict=False,
                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -276,11 +342,16 @@ class DeepSpeedBackend(Backend):
 
 def build_backend(model: nn.Module, *, deepspeed_config: str | dict[str, Any] | None, micro_batch_size: int,
                   grad_accum: int, world_size: int, lr: float, weight_decay: float, scheduler: str,
-                  warmup_steps: int, total_steps: int, max_grad_norm: float | None, dtype: str) -> Backend:
-    """The backend a stage's YAML asks for: DeepSpeed when it names a config, else plain PyTorch."""
+                  warmup_steps: int, total_steps: int, max_grad_norm: float | None, dtype: str,
+                  clip_groups: list[list[nn.Parameter]] | None = None) -> Backend:
+    """The backend a stage's YAML asks for: DeepSpeed when it names a config, else plain PyTorch.
+
+    ``clip_groups`` (per-group gradient clipping) applies to plain PyTorch only: DeepSpeed clips
+    the global norm of all trainable parameters, as its ``gradient_clipping`` says.
+    """
     if deepspeed_config is None:
         return TorchBackend(model, lr=lr, weight_decay=weight_decay, scheduler=scheduler, warmup_steps=warmup_steps,
-                            total_steps=total_steps, max_grad_norm=max_grad_norm)
+                            total_steps=total_steps, max_grad_norm=max_grad_norm, clip_groups=clip_groups)
     ds = fill_deepspeed_config(load_deepspeed_config(deepspeed_config), micro_batch_size=micro_batch_size,
                                grad_accum=grad_accum, world_size=world_size, max_grad_norm=max_grad_norm,
                                dtype=dtype)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # Also the values an adapter-input field (``reward.init_from``, ``ppo.policy_init``, ...) may take
 # besides a folder or a ``models:/`` / ``runs:/`` URI: a stage name means that stage's published
@@ -54,6 +55,9 @@ class ModelSpec(_Strict):
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # Input adapters saved as a pickle (adapter_model.bin) are refused unless this is on; they
+    # are then read with torch.load(weights_only=True) and converted to safetensors on the driver.
+    allow_pickle_adapters: bool = False
     quantization: QuantizationSpec | None = None
     # Recompute activations in backward (non-reentrant): less memory for more compute.
     gradient_checkpointing: bool = False
@@ -62,6 +66,8 @@ class ModelSpec(_Strict):
 class Columns(_Strict):
     prompt: str = "prompt"
     response: str = "response"
+    # Multitask prompt tuning only: the integer column holding each row's task id.
+    task_id: str | None = None
 
 
 class DataSpec(_Strict):
@@ -119,9 +125,13 @@ class LoraSpec(_AdapterSpecBase):
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
     init_lora_weights: bool | Literal["gaussian"] = True
+    use_dora: bool = False  # DoRA: a trained per-output magnitude on top of the low-rank direction
 
     def registry_tags(self) -> dict[str, Any]:
-        return {"method": self.method, "r": self.r, "lora_alpha": self.lora_alpha}
+        tags: dict[str, Any] = {"method": self.method, "r": self.r, "lora_alpha": self.lora_alpha}
+        if self.use_dora:
+            tags["use_dora"] = True
+        return tags
 
 
 class _VirtualTokenSpec(_AdapterSpecBase):
@@ -166,10 +176,210 @@ class PTuningSpec(_VirtualTokenSpec):
     encoder_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
-AdapterSpec = Annotated[Union[LoraSpec, PromptSpec, PrefixSpec, PTuningSpec], Field(discriminator="method")]
+class IA3Spec(_AdapterSpecBase):
+    """(IA)^3 (``IA3Config``): learned vectors scaling keys, values and the feed-forward input.
+
+    ``target_modules`` / ``feedforward_modules`` unset: PEFT's per-architecture defaults (Llama:
+    ``k_proj``, ``v_proj``, ``down_proj``, the last one scaled on its input).
+    """
+
+    method: Literal["ia3"] = "ia3"
+    target_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    init_ia3_weights: bool = True
+
+
+class _LycorisSpec(_AdapterSpecBase):
+    """LoHa and LoKr share LyCORIS's fields (``scaling = alpha / r``); all linear layers by default, as LoRA."""
+
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=8, gt=0)
+    rank_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    module_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
+
+    def registry_tags(self) -> dict[str, Any]:
+        return {"method": self.method, "r": self.r, "alpha": self.alpha}
+
+
+class LoHaSpec(_LycorisSpec):
+    """LoHa (``LoHaConfig``): the update is the Hadamard product of two rank-``r`` products."""
+
+    method: Literal["loha"] = "loha"
+    init_weights: bool = True
+
+
+class LoKrSpec(_LycorisSpec):
+    """LoKr (``LoKrConfig``): the update is a Kronecker product, its second factor rank-``r``."""
+
+    method: Literal["lokr"] = "lokr"
+    init_weights: Literal[True, False, "lycoris"] = True
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+
+    @field_validator("decompose_factor")
+    @classmethod
+    def _factor(cls, v: int) -> int:
+        if v != -1 and v <= 0:
+            raise ValueError("must be -1 (balanced) or a positive integer")
+        return v
+
+
+class AdaLoraSpec(_AdapterSpecBase):
+    """AdaLoRA (``AdaLoraConfig``): SVD-shaped updates whose rank budget shrinks from ``init_r`` to
+    ``target_r`` per module on average. The SFT loop adds the orthogonality penalty to the loss and
+    runs the rank allocator every step; ``total_step`` unset = the stage's own step count.
+    """
+
+    method: Literal["adalora"] = "adalora"
+    init_r: int = Field(default=12, gt=0)
+    target_r: int = Field(default=8, gt=0)
+    tinit: int = Field(default=0, ge=0)
+    tfinal: int = Field(default=0, ge=0)
+    deltaT: int = Field(default=1, gt=0)  # noqa: N815 - PEFT's field name
+    beta1: float = Field(default=0.85, gt=0.0, lt=1.0)
+    beta2: float = Field(default=0.85, gt=0.0, lt=1.0)
+    orth_reg_weight: float = Field(default=0.5, ge=0.0)
+    total_step: int | None = Field(default=None, gt=0)
+    lora_alpha: float = Field(default=8, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
+
+    @field_validator("target_r")
+    @classmethod
+    def _target_below_init(cls, v: int, info) -> int:
+        init_r = info.data.get("init_r")
+        if init_r is not None and v > init_r:
+            raise ValueError(f"must not exceed adapter.init_r ({init_r}): the rank budget only shrinks")
+        return v
+
+    @field_validator("total_step")
+    @classmethod
+    def _room_to_budget(cls, v: int | None, info) -> int | None:
+        tinit, tfinal = info.data.get("tinit", 0), info.data.get("tfinal", 0)
+        if v is not None and tinit is not None and tfinal is not None and tinit >= v - tfinal:
+            raise ValueError(f"must exceed adapter.tinit + adapter.tfinal ({tinit} + {tfinal}) to leave a budgeting phase")
+        return v
+
+    def registry_tags(self) -> dict[str, Any]:
+        return {"method": self.method, "init_r": self.init_r, "target_r": self.target_r}
+
+
+class BottleneckSpec(_AdapterSpecBase):
+    """Bottleneck adapters (``BottleneckConfig``): a residual down-act-up MLP after attention and the
+    feed-forward network (``houlsby``) or after the feed-forward network only (``pfeiffer``).
+    Inner width: ``bottleneck_size``, or output width // ``reduction_factor`` (16 when neither)."""
+
+    method: Literal["bottleneck"] = "bottleneck"
+    bottleneck_size: int | None = Field(default=None, gt=0)
+    reduction_factor: float | None = Field(default=None, gt=0)
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    non_linearity: Literal["relu", "gelu", "silu"] = "relu"
+    adapter_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+
+    @field_validator("reduction_factor")
+    @classmethod
+    def _one_width(cls, v: float | None, info) -> float | None:
+        if v is not None and info.data.get("bottleneck_size") is not None:
+            raise ValueError("set adapter.bottleneck_size or adapter.reduction_factor, not both")
+        return v
+
+    def registry_tags(self) -> dict[str, Any]:
+        tags: dict[str, Any] = {"method": self.method, "placement": self.placement}
+        if self.bottleneck_size is not None:
+            tags["bottleneck_size"] = self.bottleneck_size
+        else:
+            tags["reduction_factor"] = self.reduction_factor or 16
+        return tags
+
+
+class AdaptionPromptSpec(_AdapterSpecBase):
+    """LLaMA-Adapter (PEFT's ``AdaptionPromptConfig``; ``method: llama_adapter`` is accepted too):
+    ``adapter_len`` learned prompt vectors in each of the top ``adapter_layers`` attention modules,
+    behind a zero-initialised gate. Llama-architecture models (Llama, Mistral, Qwen2)."""
+
+    method: Literal["adaption_prompt", "llama_adapter"] = "adaption_prompt"
+    adapter_len: int = Field(default=10, gt=0)
+    adapter_layers: int = Field(gt=0)
+    target_modules: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _canonical(cls, v: str) -> str:
+        return "adaption_prompt"
+
+    def registry_tags(self) -> dict[str, Any]:
+        return {"method": self.method, "adapter_len": self.adapter_len, "adapter_layers": self.adapter_layers}
+
+
+class MultitaskPromptSpec(_VirtualTokenSpec):
+    """Multitask prompt tuning (``MultitaskPromptTuningConfig``): a shared prompt modulated per task
+    by a rank-``num_ranks`` factor. Each row's task comes from ``data.columns.task_id`` or, when that
+    is unset, is the fixed ``task_id`` (default 0). Source inits read a safetensors checkpoint."""
+
+    method: Literal["multitask_prompt"] = "multitask_prompt"
+    num_tasks: int = Field(default=1, gt=0)
+    num_ranks: int = Field(default=1, gt=0)
+    prompt_tuning_init: Literal["RANDOM", "TEXT", "SAMPLE_VOCAB", "AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK",
+                                "ONLY_SOURCE_SHARED"] = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    prompt_tuning_init_state_dict_path: str | None = None
+    prompt_tuning_init_task: int = Field(default=0, ge=0)
+    task_id: int | None = Field(default=None, ge=0)
+
+    @field_validator("prompt_tuning_init_state_dict_path")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        """Made absolute on the driver: Ray workers run in other folders."""
+        return None if v is None else str(Path(v).expanduser().resolve())
+
+    def adapter_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"method", "init_from", "task_id"})
+
+    def registry_tags(self) -> dict[str, Any]:
+        return {"method": self.method, "num_virtual_tokens": self.num_virtual_tokens, "num_tasks": self.num_tasks}
+
+
+AdapterSpec = Annotated[
+    Union[LoraSpec, PromptSpec, PrefixSpec, PTuningSpec, IA3Spec, LoHaSpec, LoKrSpec, AdaLoraSpec, BottleneckSpec,
+          AdaptionPromptSpec, MultitaskPromptSpec],
+    Field(discriminator="method"),
+]
 ADAPTER_SPECS: dict[str, type[_AdapterSpecBase]] = {
-    "lora": LoraSpec, "prompt": PromptSpec, "prefix": PrefixSpec, "ptuning": PTuningSpec,
+    "lora": LoraSpec, "prompt": PromptSpec, "prefix": PrefixSpec, "ptuning": PTuningSpec, "ia3": IA3Spec,
+    "loha": LoHaSpec, "lokr": LoKrSpec, "adalora": AdaLoraSpec, "bottleneck": BottleneckSpec,
+    "adaption_prompt": AdaptionPromptSpec, "llama_adapter": AdaptionPromptSpec, "multitask_prompt": MultitaskPromptSpec,
 }
+# Stages that feed multitask prompt tuning its task ids (the others build batches without them).
+TASK_ID_STAGES = ("sft",)
+
+
+def check_adapter_setup(cfg: "RunConfig") -> str | None:
+    """Rules that tie the adapter block to the rest of the file; the first broken one as
+    ``"<field path>: <problem>"`` (``None`` when all hold)."""
+    adapter = cfg.adapter
+    column = cfg.data.columns.task_id
+    if column is not None and not isinstance(adapter, MultitaskPromptSpec):
+        return f"data.columns.task_id: only adapter.method multitask_prompt reads task ids (method is '{adapter.method}')"
+    if isinstance(adapter, MultitaskPromptSpec):
+        if column is not None and adapter.task_id is not None:
+            return "adapter.task_id: set a fixed task id or data.columns.task_id, not both"
+        if (adapter.task_id or 0) >= adapter.num_tasks:
+            return f"adapter.task_id: must be below adapter.num_tasks ({adapter.num_tasks}), got {adapter.task_id}"
+        others = [s for s in cfg.stages if s not in TASK_ID_STAGES]
+        if others:
+            return (f"adapter.method: multitask_prompt needs task ids in every batch, which only the "
+                    f"{'/'.join(TASK_ID_STAGES)} stage feeds; stages {others} cannot use it")
+    if isinstance(adapter, AdaLoraSpec) and getattr(cfg, "deepspeed", None) is not None:
+        return ("deepspeed: adapter.method adalora allocates ranks from the gradients between backward and the "
+                "optimiser step, which the DeepSpeed engine does not expose; use deepspeed: null")
+    return None
 
 
 class SFTSpec(_Strict):
@@ -412,6 +622,33 @@ class RunConfig(_Strict):
     scaling: ScalingSpec = ScalingSpec()
     failure: FailureSpec = FailureSpec()
     tracking: TrackingSpec = TrackingSpec()
+    # The training engine of every stage: null = plain PyTorch (gradients all-reduced over the
+    # workers); a shipped name (zero2, zero3, zero3_offload), a DeepSpeed JSON path or an inline
+    # mapping = DeepSpeed with that config (``pipeline.deepspeed_configs``).
+    deepspeed: Any = None
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_resolves(cls, v: Any) -> Any:
+        from pipeline.deepspeed_configs import resolve
+
+        if v is not None and not isinstance(v, (str, dict)):
+            raise ValueError("expected a shipped config name, a DeepSpeed JSON path, a mapping or null")
+        resolve(v)  # a bad name, a missing file or bad JSON fails here, on the driver
+        return v
+
+    def deepspeed_config(self) -> dict[str, Any] | None:
+        """The resolved DeepSpeed config (a fresh dict), or None for plain PyTorch."""
+        from pipeline.deepspeed_configs import resolve
+
+        return resolve(self.deepspeed)
+
+    @model_validator(mode="after")
+    def _adapter_fits_the_run(self) -> "RunConfig":
+        problem = check_adapter_setup(self)
+        if problem:
+            raise PydanticCustomError("cross_field", "{problem}", {"problem": problem})
+        return self
 
     @field_validator("name")
     @classmethod
@@ -439,9 +676,14 @@ class RunConfig(_Strict):
             return os.environ["MLFLOW_TRACKING_URI"]
         return "sqlite:///" + str(Path("mlflow.db").resolve())
 
-    def artifact_location(self) -> str:
+    def artifact_location(self) -> str | None:
+        """Where a new experiment keeps artifacts: the YAML's choice; else, for a tracking server
+        (http/https), None so the server's own artifact root / proxy applies (a local folder would
+        be the job's temporary working dir under ``ray job submit``); else ./mlartifacts."""
         if self.tracking.artifact_location:
             return self.tracking.artifact_location
+        if self.tracking_uri().startswith(("http://", "https://")):
+            return None
         return Path("mlartifacts").resolve().as_uri()
 
     def registered_name(self, stage: str) -> str:
@@ -484,6 +726,8 @@ def _format_error(err: dict, data: dict) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ADAPTER_SPECS and err["loc"][0] == "adapter"))
     path = ".".join(str(p) for p in loc) or "<root>"
     kind = err["type"]
+    if kind == "cross_field":  # already "<field path>: <problem>" (RunConfig._adapter_fits_the_run)
+        return err["msg"]
     if kind == "extra_forbidden":
         parent, _ = _model_fields_at(RunConfig, data, loc[:-1])
         known = sorted(parent.model_fields) if parent else []
@@ -507,6 +751,13 @@ def parse_config(data: Any, *, origin: str = "config") -> RunConfig:
     """Validate a plain mapping into a ``RunConfig`` or raise ``ConfigError`` (one line)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    if data.get("deepspeed") is not None:
+        from pipeline.deepspeed_configs import resolve
+
+        try:  # checked here too, to name the problem without the whole mapping after it
+            resolve(data["deepspeed"]) if isinstance(data["deepspeed"], (str, dict)) else None
+        except ValueError as exc:
+            raise ConfigError(f"deepspeed: {exc}") from None
     adapter = data.get("adapter")
     if isinstance(adapter, dict) and "method" not in adapter:
         data = {**data, "adapter": {"method": "lora", **adapter}}
@@ -542,13 +793,30 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key written twice in one mapping is an error, not "last wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        if any(k.tag == "tag:yaml.org,2002:merge" for k, _ in node.value):
+            return super().construct_mapping(node, deep=deep)  # '<<' merges may override on purpose
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                first = seen[key]
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first at line {first.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML file, apply ``--set`` overrides and validate."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

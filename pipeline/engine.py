@@ -4,14 +4,14 @@ Driver side: ``init_ray`` joins the cluster a ``ray job submit`` driver already 
 starts a private local one), and ``fit`` runs a stage's per-worker loop in a ``TorchTrainer``
 with the YAML's ``ScalingConfig`` and ``FailureConfig``.
 
-Worker side: the small set of collective helpers the loops share (rank, device, DDP over gloo
-on CPU / NCCL on GPU, gathers, the optimiser and schedule), so each stage only writes its loss.
+Worker side: the small set of collective helpers the loops share (rank, device, gathers, the
+adapter-gradient all-reduce over gloo on CPU / NCCL on GPU), so each stage only writes its loss;
+the optimiser, schedule and DeepSpeed engine are ``pipeline.backends``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -48,31 +48,41 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
-def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name: str):
+def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name: str,
+        callbacks: list | None = None):
     """Run ``loop(payload)`` on every worker of a ``TorchTrainer`` and return Ray's ``Result``.
 
     ``run_name`` names the Ray Train run folder under ``<output_dir>/<name>/ray``; re-using a
     name resumes from its latest checkpoint, which is how a restarted worker group continues.
+    ``callbacks`` are Ray Train ``UserCallback``s (a sweep trial forwards reports to Ray Tune).
+    A loss that turns NaN/inf ends the loop on every worker without a retry and raises
+    ``pipeline.guards.NonFiniteLoss`` here, naming the step and the last good checkpoint.
     """
     from ray.train import FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline import guards
+
     resources = cfg.scaling.resources_per_worker
     if resources is None and not cfg.scaling.use_gpu:
         resources = {"CPU": 1}
+    storage = cfg.output_path() / "ray"
+    verdict = guards.stop_file(storage / run_name)
+    verdict.unlink(missing_ok=True)
     trainer = TorchTrainer(
-        loop,
-        train_loop_config=payload,
+        guards.stop_on_nonfinite(loop),  # a NaN/inf loss ends the stage, it is not retried
+        train_loop_config={**payload, guards.STOP_FILE: str(verdict)},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(
             name=run_name,
-            storage_path=str(cfg.output_path() / "ray"),
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks or []),
         ),
     )
-    return trainer.fit()
+    return guards.raise_if_stopped(trainer.fit(), verdict)
 
 
 # ------------------------------------------------------------------------------- worker
@@ -146,11 +156,18 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def collective_device() -> torch.device:
+    """Where small tensors for a collective must live: NCCL (GPU workers) takes only CUDA tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(values: list[float], op: str = "mean", device: torch.device | None = None) -> list[float]:
     """Reduce a few scalars across workers (loss means, token sums) in one collective."""
     if not distributed():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device or torch.device("cpu"))
+    t = torch.tensor(values, dtype=torch.float64, device=device or collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     if op == "mean":
         t /= dist.get_world_size()
@@ -160,16 +177,6 @@ def all_reduce(values: list[float], op: str = "mean", device: torch.device | Non
 def barrier() -> None:
     if distributed():
         dist.barrier()
-
-
-def wrap_ddp(model: torch.nn.Module, worker: Worker) -> torch.nn.Module:
-    """DDP over the trainable (adapter) parameters; the frozen base is never all-reduced."""
-    if worker.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [worker.device.index] if worker.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
 
 
 def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -191,29 +198,3 @@ def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only: the optimiser state is adapter-sized."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise RuntimeError("the model has no trainable parameters: the adapter did not attach")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int,
-                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then constant, linear or cosine decay to zero at ``total_steps``."""
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

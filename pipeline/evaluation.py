@@ -106,9 +106,13 @@ def generate_responses(
     is_seq2seq: bool = False,
     do_sample: bool = False,
     device: torch.device | str | None = None,
+    row_inputs: dict[str, torch.Tensor] | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """The model's response to each prompt, in order: only the new text, cut at eos, stripped.
+
+    ``row_inputs`` holds per-prompt tensors (first dimension ``len(prompts)``) that ``generate``
+    gets for the prompts of each batch, e.g. multitask prompt tuning's ``task_ids``.
 
     Causal LMs get the prompts left-padded (the tokenizer's ``padding_side`` is switched for
     the call and restored), with the tokenizer's special tokens (``<s>`` for Llama) as in
@@ -144,6 +148,7 @@ def generate_responses(
                 if eos:
                     kwargs["eos_token_id"] = sorted(eos)
                 kwargs.update(generate_kwargs)
+                kwargs.update({k: v[ids].to(device) for k, v in (row_inputs or {}).items()})
                 out = model.generate(**enc, **kwargs)
                 if is_seq2seq:
                     start_id = _decoder_start(model)

@@ -38,6 +38,8 @@ def sft_rows(cfg: RunConfig) -> tuple[Dataset, Dataset]:
             train, held_out = split_train_eval(train, eval_fraction=data.eval_fraction or 0.05,
                                                eval_rows=None, seed=cfg.seed)
     required = {"prompt": data.columns.prompt, "response": data.columns.response}
+    if data.columns.task_id is not None:  # multitask prompt tuning
+        required["task_id"] = data.columns.task_id
     check_columns(train, required, where="data.source")
     check_columns(held_out, required, where="data.eval_source" if data.eval_source else "data.source")
     if data.max_train_rows is not None and len(train) > data.max_train_rows:

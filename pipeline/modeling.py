@@ -14,9 +14,10 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
-from adapters import (AdapterConfig, AdapterModel, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
-                      PromptTuningConfig, get_adapter_model)
-from pipeline.config import AdapterSpec, ConfigError, ModelSpec, PromptSpec
+from adapters import (AdaLoraConfig, AdapterConfig, AdapterModel, AdaptionPromptConfig, BottleneckConfig, IA3Config,
+                      LoHaConfig, LoKrConfig, LoraConfig, MultitaskPromptTuningConfig, PrefixTuningConfig,
+                      PromptEncoderConfig, PromptTuningConfig, get_adapter_model)
+from pipeline.config import AdaLoraSpec, AdapterSpec, ConfigError, ModelSpec, MultitaskPromptSpec, PromptSpec
 
 DEMO_MODEL = "demo"
 
@@ -115,6 +116,14 @@ ADAPTER_CONFIGS: dict[str, type[AdapterConfig]] = {
     "prompt": PromptTuningConfig,
     "prefix": PrefixTuningConfig,
     "ptuning": PromptEncoderConfig,
+    "ia3": IA3Config,
+    "loha": LoHaConfig,
+    "lokr": LoKrConfig,
+    "adalora": AdaLoraConfig,
+    "bottleneck": BottleneckConfig,
+    "adaption_prompt": AdaptionPromptConfig,
+    "llama_adapter": AdaptionPromptConfig,
+    "multitask_prompt": MultitaskPromptTuningConfig,
 }
 
 
@@ -123,17 +132,24 @@ def adapter_config(adapter: AdapterSpec, model: ModelSpec) -> AdapterConfig:
 
     Prompt tuning initialised from text needs the tokenizer that encodes that text: the
     model's own (``model.tokenizer`` or the model folder), as PEFT's ``tokenizer_name_or_path``.
+    AdaLoRA without ``total_step`` gets a provisional one here; the training loop sets the
+    stage's real step count before the first step (``pipeline.adapter_hooks``).
     """
     kwargs = adapter.adapter_kwargs()
-    if isinstance(adapter, PromptSpec) and adapter.prompt_tuning_init == "TEXT":
+    if isinstance(adapter, (PromptSpec, MultitaskPromptSpec)) and adapter.prompt_tuning_init == "TEXT":
         if not adapter.prompt_tuning_init_text:
             raise ConfigError("adapter.prompt_tuning_init_text: required when prompt_tuning_init is TEXT")
         kwargs["tokenizer_name_or_path"] = model.tokenizer or resolve_model_path(model)
-    return ADAPTER_CONFIGS[adapter.method](
-        task_type=model.task_type,
-        base_model_name_or_path=model.name_or_path,
-        **kwargs,
-    )
+    if isinstance(adapter, AdaLoraSpec) and adapter.total_step is None:
+        kwargs["total_step"] = adapter.tinit + adapter.tfinal + 1
+    try:
+        return ADAPTER_CONFIGS[adapter.method](
+            task_type=model.task_type,
+            base_model_name_or_path=model.name_or_path,
+            **kwargs,
+        )
+    except (TypeError, ValueError) as exc:  # the library's own checks, as one config line
+        raise ConfigError(f"adapter: {str(exc).splitlines()[0]}") from None
 
 
 def attach_adapter(base: PreTrainedModel, adapter: AdapterSpec, model: ModelSpec, *,
@@ -160,6 +176,8 @@ def check_adapter_targets(adapter: AdapterSpec, model: ModelSpec) -> None:
         get_adapter_model(skeleton, config)
     except ValueError as exc:
         message = str(exc).splitlines()[0]
-        if not message.startswith("adapter."):
+        if message.startswith("target_modules:"):
+            message = f"adapter.{message}"
+        elif not message.startswith("adapter."):
             message = f"adapter.target_modules: {message}"
         raise ConfigError(message) from None

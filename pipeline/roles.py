@@ -19,6 +19,14 @@ no module to save, hence the separate file.)
 Trainable roles keep ``requires_grad`` across switches: ``AdapterModel.set_adapter`` freezes
 every adapter but the active one, so each switch re-enables the parameters of all trainable
 roles, which lets one backward pass reach, e.g., both the policy and the critic.
+
+One engine. ``Roles`` is the module a training backend wraps (``pipeline.backends``), and its
+``forward`` is the one entry point for role outputs: ``roles(input_ids, attention_mask,
+requests=(("logits", "policy"), ("values", "critic")))``. ``logits`` / ``values`` / ``scores``
+go through :meth:`attach_entry`'s callable (the DeepSpeed engine once one wraps the roles), so
+that every forward whose output reaches a loss passes through the engine: DeepSpeed prepares
+its ZeRO gradient reduction from hooks the engine puts on forward outputs, and a loss built
+from two roles (PPO's policy and critic) must come from one engine call.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import inspect
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,6 +49,8 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 ROLES_DIR = "roles"
 
 HeadInit = Literal["file", "zero"]
+OutputKind = Literal["logits", "values", "scores"]
+Request = tuple[OutputKind, str]  # (what, role)
 
 
 class ValueHead(nn.Linear):
@@ -99,6 +109,9 @@ class Roles(nn.Module):
         self._base_roles: set[str] = set()
         self._trainable: dict[str, list[nn.Parameter]] = {}
         self.primary: str | None = None  # the role a checkpoint's ``adapter/`` folder holds
+        # The engine that wraps this module, if any, in a list so that nn.Module does not register
+        # it as a child of what it wraps (empty: role outputs come from this module's own call).
+        self._entry: list[Callable[..., tuple[torch.Tensor, ...]]] = []
 
     # ------------------------------------------------------------------ building
     @property
@@ -194,6 +207,31 @@ class Roles(nn.Module):
         yield self.model
 
     # ------------------------------------------------------------------ forward helpers
+    def attach_entry(self, entry: Callable[..., tuple[torch.Tensor, ...]]) -> None:
+        """Compute role outputs through ``entry`` (the training engine wrapping this module)."""
+        self._entry[:] = [] if entry is self else [entry]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                requests: tuple[Request, ...]) -> tuple[torch.Tensor, ...]:
+        """Each requested ``(kind, role)`` output for one batch, in order (kinds: logits/values/scores)."""
+        outputs = []
+        for kind, role in requests:
+            if kind == "logits":
+                outputs.append(self._logits(role, input_ids, attention_mask))
+            elif kind == "values":
+                outputs.append(self._values(role, input_ids, attention_mask))
+            elif kind == "scores":
+                outputs.append(self._scores(role, input_ids, attention_mask))
+            else:
+                raise ValueError(f"unknown role output {kind!r}; expected logits, values or scores")
+        return tuple(outputs)
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            *requests: Request) -> tuple[torch.Tensor, ...]:
+        """Several role outputs from one call of the entry (one engine forward, one backward hook)."""
+        entry = self._entry[0] if self._entry else self
+        return entry(input_ids, attention_mask, requests=tuple(requests))
+
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, hidden: bool) -> torch.Tensor:
         kwargs = {}
         if hidden:
@@ -209,18 +247,27 @@ class Roles(nn.Module):
 
     def logits(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``[B, L, V]`` of ``role`` (right-padded inputs)."""
-        with self.use(role):
-            return self._forward(input_ids, attention_mask, hidden=False)
+        return self.run(input_ids, attention_mask, ("logits", role))[0]
 
     def values(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The value head of ``role`` at every position, ``[B, L]``."""
+        return self.run(input_ids, attention_mask, ("values", role))[0]
+
+    def scores(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One scalar per row: the value head at the last non-padding token, ``[B]``."""
+        return self.run(input_ids, attention_mask, ("scores", role))[0]
+
+    def _logits(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with self.use(role):
+            return self._forward(input_ids, attention_mask, hidden=False)
+
+    def _values(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if role not in self.heads:
             raise ValueError(f"role {role!r} has no value head")
         with self.use(role):
             return self.heads[role](self._forward(input_ids, attention_mask, hidden=True))
 
-    def scores(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One scalar per row: the value head at the last non-padding token, ``[B]``."""
+    def _scores(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if role not in self.heads:
             raise ValueError(f"role {role!r} has no value head")
         with self.use(role):

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -105,8 +106,12 @@ class RunLogger:
     step appears once in MLflow, whether or not a worker died.
     """
 
+    # Loggers of this process, so a loop that stops on an exception can still flush what it logged.
+    _open: "weakref.WeakSet[RunLogger]" = weakref.WeakSet()
+
     def __init__(self, tracking_uri: str, run_id: str, *, enabled: bool = True, flush_every: int = 50):
         self.run_id = run_id
+        RunLogger._open.add(self)
         self.enabled = enabled
         self._flush_every = flush_every
         self._buffer: list[Metric] = []
@@ -125,6 +130,12 @@ class RunLogger:
                             if v is not None and step > self._logged_through.get(k, -1))
         if len(self._buffer) >= self._flush_every:
             self.flush()
+
+    @classmethod
+    def flush_open(cls) -> None:
+        """Flush every logger of this process that still holds buffered points."""
+        for logger in list(cls._open):
+            logger.flush()
 
     def flush(self) -> None:
         if self.enabled and self._buffer:
@@ -170,6 +181,9 @@ def resolve_adapter(ref: str, *, tracking_uri: str | None = None, dst: str | Pat
     """Turn a folder, ``runs:/...`` or ``models:/NAME/VERSION|@ALIAS`` into a local adapter folder."""
     if not is_registry_uri(ref):
         path = Path(ref).expanduser()
+        if not path.exists():
+            raise TrackingError(f"{ref}: not an adapter folder (it does not exist; an adapter input is a "
+                                "folder with adapter_config.json, a stage name, or a models:/ URI)")
         if not (path / "adapter_config.json").is_file():
             raise TrackingError(f"{ref}: not an adapter folder (no adapter_config.json)")
         return path.resolve()

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from pipeline import engine, tracking
+from pipeline import checks, deepspeed_configs, engine, tracking
 from pipeline.checkpoint import ADAPTER_DIR
 from pipeline.config import ConfigError, RunConfig
 from pipeline.inputs import pair_rows, prompt_rows, sft_rows
@@ -52,14 +52,19 @@ def _stage_loop(stage: str) -> Callable[[dict], None]:
     return train_loop
 
 
-def _check_stage_data(cfg: RunConfig, stages: list[str]) -> None:
-    """Load (and column-check) every stage's rows on the driver, so a bad source fails before Ray."""
+def _check_stage_data(cfg: RunConfig, stages: list[str], tokenizer: Any = None,
+                      warn: Callable[[str], None] = checks.warn_stderr) -> None:
+    """Load (and column-check) every stage's rows on the driver, so a bad source fails before Ray;
+    with ``tokenizer``, also refuse (``data.truncation: error``) or count rows over ``data.max_length``."""
     if "sft" in stages or (cfg.eval.rouge and {"dpo", "ppo"} & set(stages)):
-        sft_rows(cfg)
-    if "reward" in stages:
-        pair_rows(cfg, cfg.reward.data, "reward.data")
-    if "dpo" in stages:
-        pair_rows(cfg, cfg.dpo.data, "dpo.data")
+        train, _ = sft_rows(cfg)
+        if tokenizer is not None and "sft" in stages:
+            checks.check_sft_lengths(cfg, train, tokenizer, warn)
+    for stage in ("reward", "dpo"):
+        if stage in stages:
+            train, _ = pair_rows(cfg, getattr(cfg, stage).data, f"{stage}.data")
+            if tokenizer is not None:
+                checks.check_pair_lengths(cfg, train, tokenizer, f"{stage}.data", warn)
     if "ppo" in stages:
         prompt_rows(cfg, cfg.ppo.data, "ppo.data")
         if cfg.ppo.generation.max_new_tokens > cfg.data.max_length - 8:
@@ -67,27 +72,54 @@ def _check_stage_data(cfg: RunConfig, stages: list[str]) -> None:
                               f"for a prompt within data.max_length={cfg.data.max_length}")
 
 
-def preflight(cfg: RunConfig, stages: list[str] | None = None) -> dict[str, dict[str, str | None]]:
-    """Check model, adapter targets, data and adapter inputs on the driver.
+def preflight(cfg: RunConfig, stages: list[str] | None = None,
+              warn: Callable[[str], None] = checks.warn_stderr) -> dict[str, dict[str, str | None]]:
+    """Check model, adapter targets, data, row lengths, the tracking store and adapter inputs on
+    the driver, in that order (the tracking store is touched only once everything local is fine).
 
-    Returns every stage's input adapters as local folders (``pipeline.references``). Raises
-    ``ConfigError`` / ``DataError`` / ``TrackingError`` with one line; nothing is written.
+    Returns every stage's input adapters as local folders (``pipeline.references``; a pickled
+    adapter the YAML allows comes back as a converted safetensors copy). Raises ``ConfigError`` /
+    ``DataError`` / ``TrackingError`` with one line; nothing is written. ``warn`` gets warnings
+    such as the count of truncated rows.
     """
-    stages = _ordered(cfg, stages)
+    with tracking.quiet_mlflow(), checks.quiet_progress():
+        return _preflight(cfg, _ordered(cfg, stages), warn)
+
+
+def _preflight(cfg: RunConfig, stages: list[str], warn: Callable[[str], None]) -> dict[str, dict[str, str | None]]:
     rl = [s for s in stages if s != "sft"]
     if rl and cfg.model.task_type != "CAUSAL_LM":
         raise ConfigError(f"stages: the {rl[0]} stage needs a causal LM (model.task_type: CAUSAL_LM), "
                           f"got {cfg.model.task_type}")
     try:
-        load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(cfg.model)
+        check_adapter_targets(cfg.adapter, cfg.model)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"model.name_or_path: cannot load '{cfg.model.name_or_path}': "
-                          f"{str(exc).splitlines()[0]}") from None
-    check_adapter_targets(cfg.adapter, cfg.model)
-    _check_stage_data(cfg, stages)
-    return resolve_stage_inputs(cfg, stages)
+        raise ConfigError(checks.model_load_error(cfg.model, exc)) from None
+    _check_stage_data(cfg, stages, tokenizer, warn)
+    _check_deepspeed(cfg, stages)
+    checks.probe_tracking(cfg.tracking_uri())
+    return checks.check_input_adapters(cfg, resolve_stage_inputs(cfg, stages), stages)
+
+
+def _check_deepspeed(cfg: RunConfig, stages: list[str]) -> None:
+    """A DeepSpeed config whose batch fields contradict a stage's batch fails here, not in every worker."""
+    ds = cfg.deepspeed_config()
+    if ds is None:
+        return
+    from pipeline.backends import fill_deepspeed_config
+    from pipeline.stages.common import stage_batch
+
+    for stage in stages:
+        micro, accum = stage_batch(cfg, stage)
+        try:
+            fill_deepspeed_config(ds, micro_batch_size=micro, grad_accum=accum, world_size=cfg.scaling.num_workers,
+                                  max_grad_norm=getattr(cfg, stage).max_grad_norm, dtype=cfg.model.dtype)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} in stage {stage}") from None
+        ds = cfg.deepspeed_config()  # fresh for the next stage: filling writes into it
 
 
 def _ordered(cfg: RunConfig, stages: list[str] | None) -> list[str]:
@@ -130,26 +162,48 @@ def _publish_adapter(result, out_dir: Path) -> Path:
         raise RuntimeError("the stage finished without reporting a checkpoint")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir.parent))
-    with result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(Path(ckpt) / ADAPTER_DIR, staging, dirs_exist_ok=True)
+    try:
+        with result.checkpoint.as_directory() as ckpt:
+            shutil.copytree(Path(ckpt) / ADAPTER_DIR, staging, dirs_exist_ok=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed copy leaves the previous adapter as it was
+        raise
     if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
+        # Renames only: at every instant out_dir is the old adapter, absent, or the new one.
+        old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
     return out_dir
 
 
 def run_stage(cfg: RunConfig, stage: str, *, experiment_id: str, parent_run_id: str,
-              inputs: dict[str, str | None]) -> StageOutcome:
-    """Run one stage as a child MLflow run; ``inputs`` are its resolved input adapters."""
+              inputs: dict[str, str | None], run_name: str | None = None,
+              tags: dict[str, str] | None = None, callbacks: list | None = None) -> StageOutcome:
+    """Run one stage as a child MLflow run; ``inputs`` are its resolved input adapters.
+
+    ``run_name`` / ``tags`` name and tag the child run, ``callbacks`` go to Ray Train (a sweep
+    trial passes its own, to forward reports to Ray Tune).
+    """
     uri = cfg.tracking_uri()
-    run_id = tracking.start_run(experiment_id, stage, parent_run_id=parent_run_id,
-                                tags={"raypeft.stage": stage, "raypeft.workflow": cfg.name})
+    run_id = tracking.start_run(experiment_id, run_name or stage, parent_run_id=parent_run_id,
+                                tags={"raypeft.stage": stage, "raypeft.workflow": cfg.name, **(tags or {})})
     try:
-        tracking.log_params(run_id, tracking.flatten(_config_dict(cfg)))
+        # Workers get the DeepSpeed config itself, not a name or a path their node may lack;
+        # its ZeRO stage and offload devices become params and tags of the stage run.
+        ds = cfg.deepspeed_config()
+        resolved = _config_dict(cfg.model_copy(update={"deepspeed": ds}))
+        tracking.log_params(run_id, tracking.flatten(resolved))
         tracking.set_tags(run_id, {f"raypeft.input.{role}": path or "none" for role, path in inputs.items()})
-        payload = {"config": _config_dict(cfg), "run_id": run_id, "tracking_uri": uri,
+        tracking.set_tags(run_id, {f"raypeft.{k}": v for k, v in deepspeed_configs.summary(ds).items()})
+        if isinstance(cfg.deepspeed, str):
+            tracking.set_tags(run_id, {"raypeft.deepspeed_config": cfg.deepspeed})
+        payload = {"config": resolved, "run_id": run_id, "tracking_uri": uri,
                    "init_adapter": inputs.get("init"), "inputs": inputs}
-        result = engine.fit(_stage_loop(stage), payload, cfg, run_name=f"{stage}-{run_id}")
+        result = engine.fit(_stage_loop(stage), payload, cfg, run_name=f"{stage}-{run_id}", callbacks=callbacks)
         adapter_dir = _publish_adapter(result, cfg.stage_adapter_dir(stage))
         size = tracking.directory_size(adapter_dir)
         tracking.log_metrics(run_id, {"adapter_size_bytes": size}, step=int(result.metrics.get("step", 0)))
@@ -175,8 +229,8 @@ def run_workflow(cfg: RunConfig, stages: list[str] | None = None,
     """Run ``stages`` (default: the config's; always in the config's order) and return what each produced."""
     stages = _ordered(cfg, stages)
     with tracking.quiet_mlflow():
+        inputs = preflight(cfg, stages)  # before the tracking store or any folder is written to
         experiment_id = tracking.connect(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location())
-        inputs = preflight(cfg, stages)
         out = cfg.output_path()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(_config_dict(cfg), sort_keys=False))

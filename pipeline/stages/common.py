@@ -1,6 +1,15 @@
-"""What every stage's worker loop shares: batching, held-out ROUGE, resume, reports, final figures.
+"""What every stage's worker loop shares: batching, the training backend, held-out ROUGE,
+resume, reports and final figures.
 
-Kept apart from the stages so that each stage module only holds its own loss and metrics.
+Kept apart from the stages so that each stage module only holds its own loss and metrics. Every
+stage trains through one ``pipeline.backends.Backend`` (plain PyTorch, or DeepSpeed ZeRO-2/3 with
+CPU offload when the YAML's ``deepspeed:`` names a config): its checkpoints and resumes go
+through the backend too, so an adapter gathered from ZeRO-3 partitions and DeepSpeed's
+per-rank optimiser partitions land in the same Ray Train checkpoint.
+
+Under ZeRO-3 every forward gathers parameters collectively, so each worker must run as many
+forwards (and ``generate`` calls) as the others: :func:`eval_shard` pads a worker's share of
+held-out rows for that, and generation gets ``synced_gpus``.
 """
 
 from __future__ import annotations
@@ -9,14 +18,18 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
 
-from pipeline import checkpoint, engine
+from pipeline import engine
+from pipeline.adapter_hooks import row_task_ids
+from pipeline.backends import Backend, build_backend, pad_for_lockstep, report_checkpoint
 from pipeline.config import RunConfig
 from pipeline.evaluation import generate_responses, rouge_scores
 from pipeline.resources import Throughput, worker_memory
+from pipeline.roles import Roles
 
 
 def epoch_batches(n_rows: int, batch_size: int, worker: engine.Worker, seed: int, epoch: int) -> list[list[int]]:
@@ -42,16 +55,29 @@ def total_steps(n_rows: int, batch_size: int, worker: engine.Worker, *, epochs: 
     return per_epoch, max_steps or max(1, math.ceil(per_epoch * epochs))
 
 
-def held_out_rouge(model, tokenizer, rows, cfg: RunConfig, worker: engine.Worker) -> dict[str, float]:
+def eval_shard(n_rows: int, worker: engine.Worker, batch_size: int, backend: Backend | None) -> list[int | None]:
+    """This worker's held-out row indices (rank-strided), padded with ``None`` to the busiest
+    worker's batch count when the backend needs every worker in lockstep (ZeRO-3)."""
+    mine: list[int | None] = list(range(worker.rank, n_rows, worker.world_size))
+    return pad_for_lockstep(mine, batch_size, backend is not None and backend.lockstep, None)
+
+
+def held_out_rouge(model, tokenizer, rows, cfg: RunConfig, worker: engine.Worker,
+                   backend: Backend | None = None) -> dict[str, float]:
     """ROUGE of greedy generations on the held-out SFT rows; each worker generates its shard."""
     prompts = [cfg.data.prompt_template.format(prompt=p) for p in rows[cfg.data.columns.prompt]]
     references = list(rows[cfg.data.columns.response])
-    mine = list(range(worker.rank, len(prompts), worker.world_size))
+    shard = eval_shard(len(prompts), worker, cfg.eval.batch_size, backend)
+    task_ids = row_task_ids(model, cfg, rows)  # multitask prompt tuning: each row's task
     outputs = generate_responses(
-        model, tokenizer, [prompts[i] for i in mine],
+        model, tokenizer, [prompts[i if i is not None else 0] for i in shard],
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
         is_seq2seq=cfg.model.task_type == "SEQ_2_SEQ_LM", device=worker.device,
+        row_inputs=None if task_ids is None else {"task_ids": torch.tensor([task_ids[i or 0] for i in shard])},
+        **(backend.generate_kwargs() if backend is not None else {}),
     )
+    mine = [i for i in shard if i is not None]
+    outputs = [text for i, text in zip(shard, outputs) if i is not None]
     predictions: list[str] = [""] * len(prompts)
     for shard_ids, shard_out in zip(engine.all_gather(mine), engine.all_gather(outputs)):
         for i, text in zip(shard_ids, shard_out):
@@ -79,16 +105,81 @@ def resume_folder(payload: dict[str, Any]) -> Path | None:
     return latest_checkpoint()
 
 
-def report(worker: engine.Worker, metrics: dict, model, optimizer, scheduler, state) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint (Ray Train V2 wants equal report counts)."""
-    if worker.is_main:
-        checkpoint.report(metrics, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
-    else:
-        checkpoint.report(metrics)
+def base_device(cfg: RunConfig, worker: engine.Worker) -> torch.device:
+    """Where a worker loads the base: CPU under ZeRO-3 for a full-precision base, which the
+    backend then partitions tensor by tensor (a GPU never holds it whole); else the worker's
+    device (a bitsandbytes base is quantized on the device it loads on, and is small)."""
+    ds = cfg.deepspeed_config()
+    zero3 = ds is not None and ds.get("zero_optimization", {}).get("stage") == 3
+    if zero3 and cfg.model.quantization is None:
+        return torch.device("cpu")
+    return worker.device
 
 
-def resource_figures(worker: engine.Worker, throughput: Throughput) -> dict[str, float]:
-    """Peak memory and tokens/s of every worker (``key/rank<i>``), plus the max / sum over workers."""
+def stage_batch(cfg: RunConfig, stage: str) -> tuple[int, int]:
+    """``(micro-batch rows per worker, micro-batches per optimiser step)`` of ``stage``: what
+    DeepSpeed's batch fields must agree with (checked on the driver before Ray starts)."""
+    if stage == "sft":
+        return cfg.sft.batch_size, cfg.sft.grad_accum
+    if stage == "ppo":
+        return cfg.ppo.rollout_batch_size // cfg.ppo.minibatches, 1
+    return getattr(cfg, stage).batch_size, 1
+
+
+def make_backend(cfg: RunConfig, model: nn.Module, worker: engine.Worker, stage: str, *, total_steps: int,
+                 warmup_steps: int | None = None, clip_groups: list[list[nn.Parameter]] | None = None) -> Backend:
+    """The training backend the YAML asks for (``deepspeed:``), over the trainable parameters only.
+
+    Learning rate, weight decay, schedule and clipping come from the stage's block; a ``Roles``
+    model computes its role outputs through the backend's module from here on (one engine).
+    """
+    spec = getattr(cfg, stage)
+    micro, accum = stage_batch(cfg, stage)
+    backend = build_backend(
+        model, deepspeed_config=cfg.deepspeed_config(), micro_batch_size=micro, grad_accum=accum,
+        world_size=worker.world_size, lr=spec.learning_rate, weight_decay=spec.weight_decay,
+        scheduler=spec.lr_scheduler, warmup_steps=spec.warmup_steps if warmup_steps is None else warmup_steps,
+        total_steps=total_steps, max_grad_norm=spec.max_grad_norm, dtype=cfg.model.dtype, clip_groups=clip_groups,
+    )
+    if isinstance(model, Roles):
+        model.attach_entry(backend.module)
+    return backend
+
+
+def count_parameters(params: Iterable[nn.Parameter]) -> int:
+    """Element count of ``params``, whole even when ZeRO-3 has partitioned them."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+
+
+def _adapter_io(model: nn.Module) -> tuple[Callable[[Path], None], Callable[[Path], None]]:
+    """How a checkpoint's ``adapter/`` folder is written and read for this model (roles: the
+    primary role there, any other trained role beside it under ``roles/``)."""
+    if isinstance(model, Roles):
+        return (lambda d: model.save_trainables(d.parent, d.name),
+                lambda d: model.load_trainables(d.parent, d.name))
+    from adapters.serialization import load_adapter_weights
+
+    name = getattr(model, "active_adapter", "default")
+    return (lambda d: model.save_pretrained(str(d)),
+            lambda d: model.load_adapter_state_dict(load_adapter_weights(d), name))
+
+
+def restore(backend: Backend, folder: Path, model: nn.Module) -> dict[str, Any]:
+    """Adapter, optimiser, schedule and step from a checkpoint folder; returns the stage state."""
+    return backend.restore(folder, read_adapter=_adapter_io(model)[1])
+
+
+def report(worker: engine.Worker, backend: Backend, metrics: dict, model: nn.Module, state: dict[str, Any]) -> None:
+    """Every worker reports (Ray Train V2 wants equal report counts) and saves its part of the
+    checkpoint: rank 0 the adapter, gathered from ZeRO-3 partitions; under DeepSpeed every rank
+    its optimiser partition."""
+    report_checkpoint(backend, metrics, is_main=worker.is_main, write_adapter=_adapter_io(model)[0],
+                      state=dict(state))
+
+
+def resource_figures(worker: engine.Worker, throughput: Throughput, backend: Backend | None = None) -> dict[str, float]:
+    """Peak memory and tokens/s of every worker (``key/rank<i>``), the max (memory) and sum
+    (tokens/s) over workers, tokens/s per worker, and the engine's ZeRO stage under DeepSpeed."""
     per_worker = engine.all_gather({**worker_memory(worker.device), "tokens_per_s": throughput.overall()})
     out: dict[str, float] = {}
     for rank, figures in enumerate(per_worker):
@@ -98,6 +189,10 @@ def resource_figures(worker: engine.Worker, throughput: Throughput) -> dict[str,
         if key in per_worker[0]:
             out[key] = max(f[key] for f in per_worker)
     out["tokens_per_s"] = sum(f["tokens_per_s"] for f in per_worker)
+    out["tokens_per_s_per_worker"] = out["tokens_per_s"] / len(per_worker)
+    out["workers"] = float(len(per_worker))
+    if backend is not None and "zero_stage" in backend.describe():
+        out["zero_stage"] = float(backend.describe()["zero_stage"])
     return out
 
 

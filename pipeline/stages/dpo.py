@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from pipeline import checkpoint, engine, tracking
+from pipeline import engine, guards, tracking
+from pipeline.backends import Backend
 from pipeline.config import RunConfig
 from pipeline.data import IGNORE_INDEX, PairCollator, count_tokens, split_pairs
 from pipeline.inputs import pair_rows, sft_rows
@@ -76,16 +77,20 @@ def pair_terms(roles: Roles, batch: dict[str, torch.Tensor], beta: float, loss_t
 
 @torch.no_grad()
 def evaluate(roles: Roles, dataset, collate: PairCollator, worker: engine.Worker, cfg: RunConfig,
-             batch_size: int) -> dict[str, float]:
+             batch_size: int, backend: Backend | None = None) -> dict[str, float]:
     """Held-out loss, implicit-reward accuracy and margin, and ``eval_logp_accuracy``: how often
     the policy gives the chosen response the higher per-token log-probability (meaningful before
-    training too, when every implicit reward is 0). Rows are sharded over workers."""
+    training too, when every implicit reward is 0). Rows are sharded over workers (padded rows,
+    which keep ZeRO-3 workers in lockstep, are scored and left out)."""
     roles.eval()
     sums = [0.0] * 7  # loss, correct, margin, chosen, rejected, logp-correct, rows
-    mine = list(range(worker.rank, len(dataset), worker.world_size))
-    for i in range(0, len(mine), batch_size):
-        batch = common.to_device(collate([dataset[j] for j in mine[i:i + batch_size]]), worker.device)
-        losses, chosen, rejected, mean_c, mean_r = pair_terms(roles, batch, cfg.dpo.beta, cfg.dpo.loss_type)
+    shard = common.eval_shard(len(dataset), worker, batch_size, backend)
+    for i in range(0, len(shard), batch_size):
+        ids = shard[i:i + batch_size]
+        batch = common.to_device(collate([dataset[j if j is not None else 0] for j in ids]), worker.device)
+        terms = pair_terms(roles, batch, cfg.dpo.beta, cfg.dpo.loss_type)
+        keep = torch.tensor([j is not None for j in ids], device=terms[0].device)
+        losses, chosen, rejected, mean_c, mean_r = (t[keep] for t in terms)
         margin = chosen - rejected
         sums = [a + b for a, b in zip(sums, [losses.sum().item(), (margin > 0).float().sum().item(),
                                              margin.sum().item(), chosen.sum().item(), rejected.sum().item(),
@@ -107,7 +112,8 @@ def train_loop(payload: dict[str, Any]) -> None:
 
     tokenizer = load_tokenizer(cfg.model)
     inputs = payload["inputs"]
-    roles = build_roles(cfg, load_base_model(cfg.model, worker.device), inputs.get("policy"), inputs.get("reference"))
+    base = load_base_model(cfg.model, common.base_device(cfg, worker))
+    roles = build_roles(cfg, base, inputs.get("policy"), inputs.get("reference"))
     train_rows, held_out = pair_rows(cfg, spec.data, "dpo.data")
     train_set, truncation = tokenized_pairs(cfg, train_rows, tokenizer, spec.data.columns)
     eval_set, _ = tokenized_pairs(cfg, held_out, tokenizer, spec.data.columns)
@@ -115,27 +121,26 @@ def train_loop(payload: dict[str, Any]) -> None:
 
     steps_per_epoch, total = common.total_steps(len(train_set), spec.batch_size, worker, epochs=spec.epochs,
                                                 max_steps=spec.max_steps, batch_field="dpo.batch_size")
-    params = roles.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    scheduler = engine.make_scheduler(optimizer, spec.lr_scheduler, spec.warmup_steps, total)
+    n_train = common.count_parameters(roles.trainable_parameters())
+    backend = common.make_backend(cfg, roles, worker, STAGE, total_steps=total)
 
     state: dict[str, Any] = {"step": 0}
     resumed = common.resume_folder(payload)
     if resumed is not None:
-        state = checkpoint.restore(resumed, roles, optimizer, scheduler)
+        state = common.restore(backend, resumed, roles)
         engine.say(f"[dpo] resumed from step {state['step']}")
 
     if worker.is_main:
-        logger.log({"trainable_params": sum(p.numel() for p in params), "train_pairs": len(train_set),
+        logger.log({"trainable_params": n_train, "train_pairs": len(train_set),
                     "eval_pairs": len(eval_set), "truncated_pairs": truncation.truncated,
                     "reference_is_base": float(roles.is_base(REFERENCE))}, step=0)
     if "eval_before" not in state:
-        state["eval_before"] = evaluate(roles, eval_set, collate, worker, cfg, spec.batch_size * 2)
+        state["eval_before"] = evaluate(roles, eval_set, collate, worker, cfg, spec.batch_size * 2, backend)
         logger.log(state["eval_before"], step=0)
     held_out = sft_rows(cfg)[1] if cfg.eval.rouge else None
     if cfg.eval.rouge and "rouge_before" not in state:
         with roles.use(POLICY) as model:
-            state["rouge_before"] = common.held_out_rouge(model, tokenizer, held_out, cfg, worker)
+            state["rouge_before"] = common.held_out_rouge(model, tokenizer, held_out, cfg, worker, backend)
         logger.log({f"{k}_before": v for k, v in state["rouge_before"].items()}, step=0)
 
     roles.train()
@@ -149,13 +154,9 @@ def train_loop(payload: dict[str, Any]) -> None:
             batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
             losses, chosen, rejected, _, _ = pair_terms(roles, batch, spec.beta, spec.loss_type)
             loss = losses.mean()
-            loss.backward()
-            engine.all_reduce_gradients(params)
-            if spec.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            guards.check_finite(loss, stage=STAGE, step=step + 1)
+            backend.backward(loss)
+            backend.step()
             margin = chosen - rejected
             window.append([loss.item(), (margin > 0).float().mean().item(), margin.mean().item(),
                            chosen.mean().item(), rejected.mean().item()])
@@ -170,32 +171,33 @@ def train_loop(payload: dict[str, Any]) -> None:
                 window = []
                 logger.log({"train_loss": loss_m, "train_accuracy": acc_m, "train_margin": margin_m,
                             "reward_chosen": chosen_m, "reward_rejected": rejected_m,
-                            "learning_rate": scheduler.get_last_lr()[0],
+                            "learning_rate": backend.lr(),
                             "tokens_per_s": tok_s * worker.world_size, "epoch": step / steps_per_epoch}, step=step)
                 if worker.is_main:
                     engine.say(f"[dpo] step {step}/{total} loss {loss_m:.4f} acc {acc_m:.3f} margin {margin_m:.3f}")
             if spec.eval_every and step % spec.eval_every == 0 and step < total:
-                logger.log(evaluate(roles, eval_set, collate, worker, cfg, spec.batch_size * 2), step=step)
+                logger.log(evaluate(roles, eval_set, collate, worker, cfg, spec.batch_size * 2, backend),
+                           step=step)
             if step % spec.checkpoint_every == 0 and step < total:
                 logger.flush()
-                common.report(worker, {"step": step}, roles, optimizer, scheduler, state)
+                common.report(worker, backend, {"step": step}, roles, state)
             if step >= total:
                 break
 
     final: dict[str, float] = {"train_seconds": time.perf_counter() - started}
-    after = evaluate(roles, eval_set, collate, worker, cfg, spec.batch_size * 2)
+    after = evaluate(roles, eval_set, collate, worker, cfg, spec.batch_size * 2, backend)
     logger.log(after, step=step)
     final.update({f"{k}_after": v for k, v in after.items()})
     final.update({f"{k}_before": v for k, v in state["eval_before"].items()})
     if cfg.eval.rouge:
         with roles.use(POLICY) as model:
-            rouge_after = common.held_out_rouge(model, tokenizer, held_out, cfg, worker)
+            rouge_after = common.held_out_rouge(model, tokenizer, held_out, cfg, worker, backend)
         final.update({f"{k}_after": v for k, v in rouge_after.items()})
         final.update({f"{k}_before": v for k, v in state["rouge_before"].items()})
-    final.update(common.resource_figures(worker, throughput))
+    final.update(common.resource_figures(worker, throughput, backend))
     if worker.is_main:
         engine.say(f"[dpo] held-out accuracy {state['eval_before']['eval_accuracy']:.3f} -> "
                    f"{after['eval_accuracy']:.3f}, margin {after['eval_margin']:.3f}")
     logger.log(final, step=step)
     logger.flush()
-    common.report(worker, {"step": step, "done": 1, **final}, roles, optimizer, scheduler, state)
+    common.report(worker, backend, {"step": step, "done": 1, **final}, roles, state)

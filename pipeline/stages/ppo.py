@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from pipeline import checkpoint, engine, tracking
+from pipeline import engine, guards, tracking
+from pipeline.backends import Backend
 from pipeline.config import PPOSpec, RunConfig
 from pipeline.data import PromptCollator, tokenize_prompts
 from pipeline.inputs import prompt_rows, sft_rows
@@ -151,13 +152,18 @@ def _gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def _response_logprobs(logits: torch.Tensor, rows: dict[str, torch.Tensor], temperature: float,
+                       with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    picked = _gather_positions(logits[:, :-1], rows["index"]) / temperature
+    logp = token_logprobs(picked, rows["tokens"])
+    return logp, (entropy_from_logits(picked) if with_entropy else None)
+
+
 def policy_terms(roles: Roles, role: str, rows: dict[str, torch.Tensor], temperature: float,
                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities (and entropies) of the response tokens under ``role``, ``[B, T]``."""
-    logits = roles.logits(role, rows["input_ids"], rows["attention_mask"])[:, :-1]
-    picked = _gather_positions(logits, rows["index"]) / temperature
-    logp = token_logprobs(picked, rows["tokens"])
-    return logp, (entropy_from_logits(picked) if with_entropy else None)
+    logits = roles.logits(role, rows["input_ids"], rows["attention_mask"])
+    return _response_logprobs(logits, rows, temperature, with_entropy)
 
 
 def critic_values(roles: Roles, rows: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -165,16 +171,28 @@ def critic_values(roles: Roles, rows: dict[str, torch.Tensor]) -> torch.Tensor:
     return _gather_positions(values, rows["index"])
 
 
+def policy_and_critic(roles: Roles, rows: dict[str, torch.Tensor],
+                      temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Policy log-probabilities and entropies and critic values of the response tokens from one
+    call of the roles' entry: under DeepSpeed the loss built from both is one engine forward."""
+    logits, values = roles.run(rows["input_ids"], rows["attention_mask"], ("logits", POLICY), ("values", CRITIC))
+    logp, entropy = _response_logprobs(logits, rows, temperature, with_entropy=True)
+    return logp, entropy, _gather_positions(values[:, :-1], rows["index"])
+
+
 @torch.no_grad()
 def make_rollout(roles: Roles, prompts: dict[str, torch.Tensor], spec: PPOSpec, tokenizer,
-                 chunk: int) -> Rollout:
-    """Sample responses with the policy, then score them with every role (in chunks of ``chunk``)."""
+                 chunk: int, generate_kwargs: dict[str, Any] | None = None) -> Rollout:
+    """Sample responses with the policy, then score them with every role (in chunks of ``chunk``).
+
+    ``generate_kwargs``: the backend's (``synced_gpus`` under multi-worker ZeRO-3).
+    """
     g = spec.generation
     with roles.use(POLICY) as model:
         out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
                              do_sample=True, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                              top_k=g.top_k, top_p=g.top_p, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+                             eos_token_id=tokenizer.eos_token_id, **(generate_kwargs or {}))
     generated = out[:, prompts["input_ids"].shape[1]:].cpu()
     device = prompts["input_ids"].device
     ro = pack(prompts["input_ids"].cpu(), prompts["attention_mask"].cpu(), generated, tokenizer.eos_token_id,
@@ -209,9 +227,11 @@ def add_advantages(ro: Rollout, spec: PPOSpec, kl_coef: float) -> None:
     ro.rewards, ro.kl, ro.advantages, ro.returns = rewards, kl, advantages, returns
 
 
-def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, optimizer: torch.optim.Optimizer,
-               params: list[torch.nn.Parameter], generator: torch.Generator) -> dict[str, float]:
-    """``ppo_epochs`` x ``minibatches`` optimiser steps on one rollout; returns mean statistics."""
+def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, backend: Backend,
+               generator: torch.Generator, step: int = 0) -> dict[str, float]:
+    """``ppo_epochs`` x ``minibatches`` optimiser steps of ``backend`` on one rollout; returns mean
+    statistics. Clipping is the backend's (per role under plain PyTorch: see ``train_loop``);
+    ``step`` (1-based) names the PPO step if a loss turns NaN/inf (``pipeline.guards``)."""
     n = ro.input_ids.shape[0]
     size = n // spec.minibatches
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
@@ -220,18 +240,13 @@ def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, optimizer: torch.optim.
         order = torch.randperm(n, generator=generator).to(ro.input_ids.device)
         for start in range(0, n, size):
             rows = ro.rows(order[start:start + size])
-            logp, entropy = policy_terms(roles, POLICY, rows, spec.generation.temperature, with_entropy=True)
+            logp, entropy, values = policy_and_critic(roles, rows, spec.generation.temperature)
             pol = clipped_policy_loss(logp, rows["logprobs"], rows["advantages"], rows["mask"], spec.cliprange)
-            values = critic_values(roles, rows)
             v_loss, v_clip = clipped_value_loss(values, rows["values"], rows["returns"], rows["mask"],
                                                 spec.cliprange_value)
-            (pol.loss + spec.vf_coef * v_loss).backward()
-            engine.all_reduce_gradients(params)
-            if spec.max_grad_norm:  # per role: the critic's early, large value errors must not shrink the policy's step
-                for role in (POLICY, CRITIC):
-                    torch.nn.utils.clip_grad_norm_(roles.trainable_parameters(role), spec.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            guards.check_finite(pol.loss + spec.vf_coef * v_loss, stage=STAGE, step=step)
+            backend.backward(pol.loss + spec.vf_coef * v_loss)
+            backend.step()
             for key, value in (("policy_loss", pol.loss.detach()), ("value_loss", v_loss.detach()),
                                ("clip_fraction", pol.clip_fraction),
                                ("value_clip_fraction", v_clip), ("approx_kl", pol.approx_kl),
@@ -242,19 +257,24 @@ def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, optimizer: torch.optim.
 
 @torch.no_grad()
 def evaluate(roles: Roles, prompts, collate: PromptCollator, spec: PPOSpec, tokenizer, worker: engine.Worker,
-             seed: int) -> dict[str, float]:
+             seed: int, backend: Backend | None = None) -> dict[str, float]:
     """Mean reward, KL to the reference and response length of sampled responses to the held-out
-    prompts (sharded over workers; sampling seeded, so a repeat on the same policy is identical)."""
-    mine = list(range(worker.rank, len(prompts), worker.world_size))
+    prompts (sharded over workers; sampling seeded, so a repeat on the same policy is identical;
+    padded prompts, which keep ZeRO-3 workers in lockstep, are sampled and left out)."""
+    size = spec.rollout_batch_size
+    shard = common.eval_shard(len(prompts), worker, size, backend)
     sums = [0.0, 0.0, 0.0, 0.0]  # reward, kl, length, rows
     torch.manual_seed(seed + worker.rank)
-    chunk = spec.rollout_batch_size // spec.minibatches
-    for i in range(0, len(mine), spec.rollout_batch_size):
-        batch = common.to_device(collate([prompts[j] for j in mine[i:i + spec.rollout_batch_size]]), worker.device)
-        ro = make_rollout(roles, batch, spec, tokenizer, chunk)
-        kl = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1)
-        sums = [a + b for a, b in zip(sums, [ro.scores.sum().item(), kl.sum().item(),
-                                             ro.mask.sum().item(), float(len(kl))])]
+    chunk = size // spec.minibatches
+    generate_kwargs = backend.generate_kwargs() if backend is not None else {}
+    for i in range(0, len(shard), size):
+        ids = shard[i:i + size]
+        batch = common.to_device(collate([prompts[j if j is not None else 0] for j in ids]), worker.device)
+        ro = make_rollout(roles, batch, spec, tokenizer, chunk, generate_kwargs)
+        keep = torch.tensor([j is not None for j in ids], device=ro.mask.device)
+        kl = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1)[keep]
+        sums = [a + b for a, b in zip(sums, [ro.scores[keep].sum().item(), kl.sum().item(),
+                                             ro.mask[keep].sum().item(), float(len(kl))])]
     reward, kl, length, n = engine.all_reduce(sums, op="sum")
     n = max(n, 1.0)
     return {"eval_reward": reward / n, "eval_kl": kl / n, "eval_response_length": length / n}
@@ -279,7 +299,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     reset_gpu_peaks(worker.device)
 
     tokenizer = load_tokenizer(cfg.model)
-    roles = build_roles(cfg, load_base_model(cfg.model, worker.device), payload["inputs"])
+    roles = build_roles(cfg, load_base_model(cfg.model, common.base_device(cfg, worker)), payload["inputs"])
     roles.eval()  # no dropout anywhere: rollout and update see the same functions
     prompt_room = cfg.data.max_length - spec.generation.max_new_tokens
     if prompt_room < 8:
@@ -297,28 +317,35 @@ def train_loop(payload: dict[str, Any]) -> None:
                                             max_steps=None, batch_field="ppo.rollout_batch_size")
     total = spec.max_steps
 
-    params = roles.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    scheduler = engine.make_scheduler(optimizer, spec.lr_scheduler, spec.warmup_steps, total)
+    # Counted before the backend exists: ZeRO-3 partitions every tensor when it takes the model.
+    census = roles.parameter_census()
+    n_train = common.count_parameters(roles.trainable_parameters())
+    # The schedule counts optimiser updates: ppo_epochs x minibatches per PPO step. Under plain
+    # PyTorch each role is clipped on its own: the critic's early, large value errors must not
+    # shrink the policy's step (DeepSpeed clips the global norm).
+    updates = spec.ppo_epochs * spec.minibatches
+    backend = common.make_backend(cfg, roles, worker, STAGE, total_steps=total * updates,
+                                  warmup_steps=spec.warmup_steps * updates,
+                                  clip_groups=[roles.trainable_parameters(POLICY), roles.trainable_parameters(CRITIC)])
+    generate_kwargs = backend.generate_kwargs()
     state: dict[str, Any] = {"step": 0, "kl_coef": spec.kl.coef}
     resumed = common.resume_folder(payload)
     if resumed is not None:
-        state = checkpoint.restore(resumed, roles, optimizer, scheduler)
+        state = common.restore(backend, resumed, roles)
         engine.say(f"[ppo] resumed from step {state['step']}")
     kl_ctl = kl_controller(spec, state["kl_coef"])
 
     held_out = sft_rows(cfg)[1] if cfg.eval.rouge else None
     if worker.is_main:
-        census = roles.parameter_census()
-        logger.log({"trainable_params": sum(p.numel() for p in params), "prompts": len(prompts),
+        logger.log({"trainable_params": n_train, "prompts": len(prompts),
                     "base_params": census["base_params"], "base_params_missing": census["base_missing"],
                     "non_base_non_role_params": census["other_params"]}, step=0)
     if cfg.eval.rouge and "rouge_before" not in state:
         with roles.use(POLICY) as model:
-            state["rouge_before"] = common.held_out_rouge(model, tokenizer, held_out, cfg, worker)
+            state["rouge_before"] = common.held_out_rouge(model, tokenizer, held_out, cfg, worker, backend)
         logger.log({f"{k}_before": v for k, v in state["rouge_before"].items()}, step=0)
     if spec.eval_prompts and "eval_before" not in state:
-        state["eval_before"] = evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed)
+        state["eval_before"] = evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed, backend)
         logger.log(state["eval_before"], step=0)
         if worker.is_main:
             engine.say(f"[ppo] held-out reward {state['eval_before']['eval_reward']:.3f} before training")
@@ -334,25 +361,24 @@ def train_loop(payload: dict[str, Any]) -> None:
         ids = common.epoch_batches(len(prompts), spec.rollout_batch_size, worker, cfg.seed, epoch)[within]
         batch = common.to_device(collate([prompts[j] for j in ids]), worker.device)
         torch.manual_seed(cfg.seed * 100003 + step * 97 + worker.rank)  # sampling: reproducible per step
-        ro = make_rollout(roles, batch, spec, tokenizer, chunk)
+        ro = make_rollout(roles, batch, spec, tokenizer, chunk, generate_kwargs)
         add_advantages(ro, spec, kl_ctl.value)
         figures = rollout_stats(ro, kl_ctl.value)
-        updates = ppo_update(roles, ro, spec, optimizer, params, generator)
-        scheduler.step()
+        update_stats = ppo_update(roles, ro, spec, backend, generator, step=step + 1)
         n_tokens = int(ro.attention_mask.sum().item())
         throughput.add(n_tokens)
         step += 1
         state["step"] = step
 
-        keys = list(figures) + list(updates)
-        means = engine.all_reduce([figures[k] for k in figures] + [updates[k] for k in updates], op="mean")
+        keys = list(figures) + list(update_stats)
+        means = engine.all_reduce([figures[k] for k in figures] + [update_stats[k] for k in update_stats], op="mean")
         metrics = dict(zip(keys, means))
         kl_ctl.update(metrics["kl"], spec.rollout_batch_size * worker.world_size)
         state["kl_coef"] = kl_ctl.value
         memory = engine.all_gather(worker_memory(worker.device))
         metrics.update({k: max(m[k] for m in memory) for k in memory[0]})
         metrics["tokens_per_s"] = engine.all_reduce([n_tokens / (time.perf_counter() - t0)], op="sum")[0]
-        metrics["learning_rate"] = scheduler.get_last_lr()[0]
+        metrics["learning_rate"] = backend.lr()
         if step % spec.log_every == 0 or step == total:
             logger.log(metrics, step=step)
             if worker.is_main:
@@ -361,14 +387,14 @@ def train_loop(payload: dict[str, Any]) -> None:
                            f"clip {metrics['clip_fraction']:.3f} vloss {metrics['value_loss']:.3f} "
                            f"len {metrics['response_length']:.1f}")
         if spec.eval_prompts and spec.eval_every and step % spec.eval_every == 0 and step < total:
-            logger.log(evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed), step=step)
+            logger.log(evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed, backend), step=step)
         if step % spec.checkpoint_every == 0 and step < total:
             logger.flush()
-            common.report(worker, {"step": step}, roles, optimizer, scheduler, state)
+            common.report(worker, backend, {"step": step}, roles, state)
 
     final: dict[str, float] = {"train_seconds": time.perf_counter() - started}
     if spec.eval_prompts:
-        after = evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed)
+        after = evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed, backend)
         logger.log(after, step=step)
         final.update({f"{k}_after": v for k, v in after.items()})
         final.update({f"{k}_before": v for k, v in state["eval_before"].items()})
@@ -377,10 +403,10 @@ def train_loop(payload: dict[str, Any]) -> None:
                        f"{after['eval_reward']:.3f}, KL to reference {after['eval_kl']:.3f}")
     if cfg.eval.rouge:
         with roles.use(POLICY) as model:
-            after = common.held_out_rouge(model, tokenizer, held_out, cfg, worker)
+            after = common.held_out_rouge(model, tokenizer, held_out, cfg, worker, backend)
         final.update({f"{k}_after": v for k, v in after.items()})
         final.update({f"{k}_before": v for k, v in state["rouge_before"].items()})
-    final.update(common.resource_figures(worker, throughput))
+    final.update(common.resource_figures(worker, throughput, backend))
     logger.log(final, step=step)
     logger.flush()
-    common.report(worker, {"step": step, "done": 1, **final}, roles, optimizer, scheduler, state)
+    common.report(worker, backend, {"step": step, "done": 1, **final}, roles, state)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from pipeline import checkpoint, engine, tracking
+from pipeline import engine, guards, tracking
+from pipeline.backends import Backend
 from pipeline.config import PairColumns, RunConfig
 from pipeline.data import PairCollator, count_tokens, split_pairs, tokenize_pairs
 from pipeline.inputs import pair_rows
@@ -54,15 +55,18 @@ def pair_scores(roles: Roles, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
 
 @torch.no_grad()
 def evaluate(roles: Roles, dataset, collate: PairCollator, worker: engine.Worker,
-             batch_size: int) -> dict[str, float]:
-    """Held-out pair accuracy (ties count as wrong), mean margin and loss; rows sharded over workers."""
+             batch_size: int, backend: Backend | None = None) -> dict[str, float]:
+    """Held-out pair accuracy (ties count as wrong), mean margin and loss; rows sharded over workers
+    (padded rows, which keep ZeRO-3 workers in lockstep, are scored and left out)."""
     roles.eval()
     sums = [0.0, 0.0, 0.0, 0.0]  # correct, margin, loss, rows
-    mine = list(range(worker.rank, len(dataset), worker.world_size))
-    for i in range(0, len(mine), batch_size):
-        batch = common.to_device(collate([dataset[j] for j in mine[i:i + batch_size]]), worker.device)
+    shard = common.eval_shard(len(dataset), worker, batch_size, backend)
+    for i in range(0, len(shard), batch_size):
+        ids = shard[i:i + batch_size]
+        batch = common.to_device(collate([dataset[j if j is not None else 0] for j in ids]), worker.device)
         chosen, rejected = pair_scores(roles, batch)
-        margin = chosen - rejected
+        keep = torch.tensor([j is not None for j in ids], device=chosen.device)
+        margin = (chosen - rejected)[keep]
         sums[0] += (margin > 0).float().sum().item()
         sums[1] += margin.sum().item()
         sums[2] += -torch.nn.functional.logsigmoid(margin).sum().item()
@@ -81,7 +85,8 @@ def train_loop(payload: dict[str, Any]) -> None:
     reset_gpu_peaks(worker.device)
 
     tokenizer = load_tokenizer(cfg.model)
-    roles = build_roles(cfg, load_base_model(cfg.model, worker.device), payload["inputs"].get("init"))
+    base = load_base_model(cfg.model, common.base_device(cfg, worker))
+    roles = build_roles(cfg, base, payload["inputs"].get("init"))
     train_rows, held_out = pair_rows(cfg, spec.data, "reward.data")
     train_set, truncation = tokenized_pairs(cfg, train_rows, tokenizer, spec.data.columns)
     eval_set, _ = tokenized_pairs(cfg, held_out, tokenizer, spec.data.columns)
@@ -89,22 +94,20 @@ def train_loop(payload: dict[str, Any]) -> None:
 
     steps_per_epoch, total = common.total_steps(len(train_set), spec.batch_size, worker, epochs=spec.epochs,
                                                 max_steps=spec.max_steps, batch_field="reward.batch_size")
-    params = roles.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    scheduler = engine.make_scheduler(optimizer, spec.lr_scheduler, spec.warmup_steps, total)
+    n_train = common.count_parameters(roles.trainable_parameters())
+    backend = common.make_backend(cfg, roles, worker, STAGE, total_steps=total)
 
     state: dict[str, Any] = {"step": 0}
     resumed = common.resume_folder(payload)
     if resumed is not None:
-        state = checkpoint.restore(resumed, roles, optimizer, scheduler)
+        state = common.restore(backend, resumed, roles)
         engine.say(f"[reward] resumed from step {state['step']}")
 
     if worker.is_main:
-        n_train = sum(p.numel() for p in params)
         logger.log({"trainable_params": n_train, "train_pairs": len(train_set), "eval_pairs": len(eval_set),
                     "truncated_pairs": truncation.truncated}, step=0)
     if "eval_before" not in state:
-        state["eval_before"] = evaluate(roles, eval_set, collate, worker, spec.batch_size * 2)
+        state["eval_before"] = evaluate(roles, eval_set, collate, worker, spec.batch_size * 2, backend)
         logger.log(state["eval_before"], step=0)
 
     roles.train()
@@ -118,13 +121,9 @@ def train_loop(payload: dict[str, Any]) -> None:
             batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
             chosen, rejected = pair_scores(roles, batch)
             loss = bradley_terry_loss(chosen, rejected)
-            loss.backward()
-            engine.all_reduce_gradients(params)
-            if spec.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            guards.check_finite(loss, stage=STAGE, step=step + 1)
+            backend.backward(loss)
+            backend.step()
             margin = (chosen - rejected).detach()
             window.append([loss.item(), (margin > 0).float().mean().item(), margin.mean().item()])
             throughput.add(count_tokens(batch))
@@ -136,28 +135,28 @@ def train_loop(payload: dict[str, Any]) -> None:
                 loss_m, acc_m, margin_m, tok_s = engine.all_reduce(means + [throughput.window()], op="mean")
                 window = []
                 logger.log({"train_loss": loss_m, "train_accuracy": acc_m, "train_margin": margin_m,
-                            "learning_rate": scheduler.get_last_lr()[0],
+                            "learning_rate": backend.lr(),
                             "tokens_per_s": tok_s * worker.world_size, "epoch": step / steps_per_epoch}, step=step)
                 if worker.is_main:
                     engine.say(f"[reward] step {step}/{total} loss {loss_m:.4f} acc {acc_m:.3f} "
                                f"margin {margin_m:.3f}")
             if spec.eval_every and step % spec.eval_every == 0 and step < total:
-                logger.log(evaluate(roles, eval_set, collate, worker, spec.batch_size * 2), step=step)
+                logger.log(evaluate(roles, eval_set, collate, worker, spec.batch_size * 2, backend), step=step)
             if step % spec.checkpoint_every == 0 and step < total:
                 logger.flush()
-                common.report(worker, {"step": step}, roles, optimizer, scheduler, state)
+                common.report(worker, backend, {"step": step}, roles, state)
             if step >= total:
                 break
 
     final: dict[str, float] = {"train_seconds": time.perf_counter() - started}
-    after = evaluate(roles, eval_set, collate, worker, spec.batch_size * 2)
+    after = evaluate(roles, eval_set, collate, worker, spec.batch_size * 2, backend)
     logger.log(after, step=step)
     final.update({f"{k}_after": v for k, v in after.items()})
     final.update({f"{k}_before": v for k, v in state["eval_before"].items()})
-    final.update(common.resource_figures(worker, throughput))
+    final.update(common.resource_figures(worker, throughput, backend))
     if worker.is_main:
         engine.say(f"[reward] held-out accuracy {state['eval_before']['eval_accuracy']:.3f} -> "
                    f"{after['eval_accuracy']:.3f}, margin {after['eval_margin']:.3f}")
     logger.log(final, step=step)
     logger.flush()
-    common.report(worker, {"step": step, "done": 1, **final}, roles, optimizer, scheduler, state)
+    common.report(worker, backend, {"step": step, "done": 1, **final}, roles, state)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 import transformers
 
+from pipeline.backends import TorchBackend
 from pipeline.config import parse_config
 from pipeline.modeling import adapter_config
 from pipeline.roles import Roles
@@ -53,8 +54,9 @@ def test_ppo_steps_raise_the_reward_and_move_away_from_the_reference() -> None:
     spec = cfg.ppo
     roles = _roles(cfg)
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2)
-    params = roles.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate)
+    backend = TorchBackend(roles, lr=spec.learning_rate, weight_decay=0.0, scheduler="constant", warmup_steps=0,
+                           total_steps=8, max_grad_norm=spec.max_grad_norm,
+                           clip_groups=[roles.trainable_parameters(ppo.POLICY), roles.trainable_parameters(ppo.CRITIC)])
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 16, (16, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
@@ -66,7 +68,7 @@ def test_ppo_steps_raise_the_reward_and_move_away_from_the_reference() -> None:
         stats = ppo.rollout_stats(ro, spec.kl.coef)
         rewards.append(stats["reward_mean"])
         kls.append(stats["kl"])
-        update = ppo.ppo_update(roles, ro, spec, optimizer, params, generator)
+        update = ppo.ppo_update(roles, ro, spec, backend, generator)
         assert set(update) == {"policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl",
                                "entropy"}
     assert kls[0] == 0.0  # the first rollout comes from the reference itself
