@@ -48,6 +48,9 @@ fi
 # The Python that runs `ray` picks free ports and reads the dashboard, so both agree on the venv.
 py="$(dirname "$ray_bin")/python"
 [[ -x "$py" ]] || py="$(command -v python3)"
+# Nodes inherit PATH, and a job's entrypoint (`python job.py`, `raypeft run ...`) resolves through
+# it: put the venv that holds `ray` first, so jobs run with raypeft's Python, not the system one.
+export PATH="$(dirname "$ray_bin"):$PATH"
 
 die() { echo "local-cluster: $*" >&2; exit 2; }
 

@@ -39,7 +39,13 @@ fi
 if [[ -n "${MLFLOW_APP_NAME:-}" ]]; then
   extra+=(--app-name "$MLFLOW_APP_NAME")
 fi
-exec mlflow server \
+mlflow_bin="$(command -v mlflow || true)"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "$mlflow_bin" && -x "$repo/.venv/bin/mlflow" ]]; then
+  mlflow_bin="$repo/.venv/bin/mlflow"   # `make install` put it there; the venv need not be active
+fi
+[[ -n "$mlflow_bin" ]] || { echo "mlflow-server: no 'mlflow' on PATH or in $repo/.venv; install raypeft first (make install)" >&2; exit 2; }
+exec "$mlflow_bin" server \
   --backend-store-uri "$backend" \
   --artifacts-destination "$artifacts" \
   --serve-artifacts \

@@ -322,7 +322,11 @@ def _settle_runs(prep: PreparedSweep, results: Any, parent: str, experiment_id: 
                     tracking.end_run(run.info.run_id, "FAILED")
             elif status == STOPPED:
                 tracking.set_tags(run.info.run_id, {**tags, "raypeft.stopped_by": prep.sweep.scheduler.type})
-                if run.info.status == "RUNNING":
+                # Stopping a trial tears down its Train run; the stage may see that as an error and
+                # close its run FAILED before the actor dies. The scheduler's stop is what happened.
+                if run.info.status != "KILLED":
+                    if "raypeft.error" in run.data.tags:
+                        client.delete_tag(run.info.run_id, "raypeft.error")
                     tracking.end_run(run.info.run_id, "KILLED")
             else:
                 tracking.set_tags(run.info.run_id, tags)
