@@ -22,6 +22,8 @@ Behaviour matched to ``peft`` 0.21 so that adapters and logits interoperate:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -284,6 +286,40 @@ def _cache_length(cache: Any) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_cache_name(forward_type: type) -> str:
+    try:
+        params = inspect.signature(forward_type.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_name(model: nn.Module) -> str:
+    """The KV cache's keyword in ``model``'s forward: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` is a deprecated alias, to be removed in 5.40), ``past_key_values`` before."""
+    return _forward_cache_name(type(model))
+
+
+def _given_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a caller or ``prepare_inputs_for_generation`` passed, under either name."""
+    for name in _CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def _inputs_cache_name(model: nn.Module, inputs: dict[str, Any]) -> str:
+    """The name ``prepare_inputs_for_generation`` used (it decides what reaches the forward)."""
+    for name in _CACHE_NAMES:
+        if name in inputs:
+            return name
+    return cache_name(model)
+
+
 def _ones(reference: torch.Tensor, batch_size: int, n: int) -> torch.Tensor:
     return torch.ones(batch_size, n, dtype=reference.dtype, device=reference.device)
 
@@ -327,9 +363,10 @@ def virtual_forward(
         if len(args) > 1 or "input_ids" in kwargs:
             raise TypeError("with a virtual-token adapter pass model inputs as keywords (input_ids=..., ...)")
         kwargs["input_ids"] = args[0]
-    if _cache_length(kwargs.get("past_key_values")) > 0:
+    if _cache_length(_given_cache(kwargs)) > 0:
         raise ValueError("virtual-token adapters prepend their tokens to a fresh sequence; use generate() for caching")
-    kwargs.pop("past_key_values", None)
+    for name in _CACHE_NAMES:
+        kwargs.pop(name, None)
     _drop_token_type_ids(kwargs)
     task_ids = kwargs.pop("task_ids", None)  # multitask prompt tuning: one task per row
     if _is_encoder_decoder(model):
@@ -346,8 +383,9 @@ def _causal_forward(model, config, encoder, input_ids=None, attention_mask=None,
         if position_ids is not None:
             position_ids = position_ids + n
         cache = new_prefix_cache(model, config, encoder, batch)
+        kwargs[cache_name(model)] = cache
         return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-                     position_ids=position_ids, past_key_values=cache, **kwargs)
+                     position_ids=position_ids, **kwargs)
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
     prompts = prompt_embeddings(config, encoder, batch, inputs_embeds.dtype, task_ids)
@@ -367,8 +405,9 @@ def _seq2seq_forward(model, config, encoder, input_ids=None, attention_mask=None
     if config.INJECTS_CACHE:
         decoder_attention_mask = _extend_mask(decoder_attention_mask, batch, n)
         cache = new_prefix_cache(model, config, encoder, batch)
+        kwargs[cache_name(model)] = cache
         return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                     decoder_attention_mask=decoder_attention_mask, past_key_values=cache, **kwargs)
+                     decoder_attention_mask=decoder_attention_mask, **kwargs)
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
     prompts = prompt_embeddings(config, encoder, batch, inputs_embeds.dtype, task_ids)
@@ -383,8 +422,9 @@ def virtual_generate(
     model: nn.Module, config: PromptLearningConfig, encoder: VirtualTokenEncoder, *args: Any, **kwargs: Any
 ) -> Any:
     """``model.generate`` with the virtual tokens: injected at the prefill step, kept by the KV cache."""
-    if kwargs.get("past_key_values") is not None:
-        raise ValueError("generate() with a virtual-token adapter starts from a fresh cache; do not pass past_key_values")
+    if _given_cache(kwargs) is not None:
+        raise ValueError("generate() with a virtual-token adapter starts from a fresh cache; do not pass a cache "
+                         "(cache / past_key_values)")
     _drop_token_type_ids(kwargs)
     task_ids = kwargs.pop("task_ids", None)
     if _is_encoder_decoder(model) and not config.INJECTS_CACHE:
@@ -451,7 +491,8 @@ class _CausalPrepare(_Prepare):
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         inputs = self.original(*args, **kwargs)
         n = self.config.num_virtual_tokens
-        cache = inputs.get("past_key_values")
+        key = _inputs_cache_name(self.model, inputs)
+        cache = inputs.get(key)
         fresh = self._fresh(inputs, cache)
         reference = inputs.get("input_ids")
         if reference is None:
@@ -463,14 +504,14 @@ class _CausalPrepare(_Prepare):
             if fresh:
                 if inputs.get("use_cache") is False:
                     cache = None  # the model hands its cache back even without use_cache; never reuse it
-                inputs["past_key_values"] = seed_prefix_cache(self.model, self.config, self.encoder, cache, batch)
+                inputs[key] = seed_prefix_cache(self.model, self.config, self.encoder, cache, batch)
             if positions is not None:
                 inputs["position_ids"] = positions + n
             fed = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-            return self._fix_cache_position(inputs, inputs["past_key_values"], fed)
+            return self._fix_cache_position(inputs, inputs[key], fed)
         if fresh:
             if inputs.get("use_cache") is False:
-                inputs["past_key_values"] = None
+                inputs[key] = None
             embeds = inputs.get("inputs_embeds")
             if embeds is None:
                 embeds = self.model.get_input_embeddings()(inputs["input_ids"])
@@ -482,7 +523,7 @@ class _CausalPrepare(_Prepare):
         elif positions is not None:
             inputs["position_ids"] = positions + n
         fed = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-        return self._fix_cache_position(inputs, inputs.get("past_key_values"), fed)
+        return self._fix_cache_position(inputs, inputs.get(key), fed)
 
 
 class _Seq2SeqPrefixPrepare(_Prepare):
@@ -491,13 +532,14 @@ class _Seq2SeqPrefixPrepare(_Prepare):
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         inputs = self.original(*args, **kwargs)
         n = self.config.num_virtual_tokens
-        cache = inputs.get("past_key_values")
+        key = _inputs_cache_name(self.model, inputs)
+        cache = inputs.get(key)
         self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         batch = int(inputs["decoder_input_ids"].shape[0])
         if inputs.get("use_cache") is False or _cache_length(self_cache) == 0:
             if inputs.get("use_cache") is False or cache is None:
                 cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            inputs["past_key_values"] = seed_prefix_cache(self.model, self.config, self.encoder, cache, batch)
+            inputs[key] = seed_prefix_cache(self.model, self.config, self.encoder, cache, batch)
         inputs["decoder_attention_mask"] = _extend_mask(inputs.get("decoder_attention_mask"), batch, n)
-        self_cache = inputs["past_key_values"].self_attention_cache
+        self_cache = inputs[key].self_attention_cache
         return self._fix_cache_position(inputs, self_cache, inputs["decoder_input_ids"])

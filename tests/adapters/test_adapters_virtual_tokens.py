@@ -21,6 +21,7 @@ from adapters import (
     get_adapter_model,
     load_config,
 )
+from adapters.virtual_tokens import cache_name
 
 peft = pytest.importorskip("peft")
 
@@ -174,10 +175,10 @@ def test_prefix_generation_equals_explicit_cache_reference(arch, bases, input_id
     mask = torch.ones(2, NVT + input_ids.shape[1], dtype=torch.long)
     with torch.no_grad():
         for _ in range(NEW):
-            out = base(input_ids=tokens, attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = base(input_ids=tokens, attention_mask=mask, use_cache=True, **{cache_name(base): cache})
             tokens = out.logits[:, -1].argmax(-1, keepdim=True)
             reference.append(tokens)
-            cache = out.past_key_values
+            cache = out[cache_name(base)]
             mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), dim=1)
     assert torch.equal(generated, torch.cat(reference, dim=1))
     # the training forward sees the same prefix: its last logits give the first generated token
@@ -223,7 +224,7 @@ INTEROP = [(a, m) for a in ("llama", "gpt2") for m in METHODS] + [
 
 
 @pytest.mark.parametrize("arch,method", INTEROP)
-def test_peft_interop_both_ways(arch, method, bases, input_ids, tmp_path):
+def test_peft_interop_both_ways(arch, method, bases, input_ids, tmp_path, greedy_by_forward):
     base = bases[arch]
     task = "SEQ_2_SEQ_LM" if arch == "t5" else "CAUSAL_LM"
     kw = _inputs(arch, input_ids)
@@ -241,8 +242,9 @@ def test_peft_interop_both_ways(arch, method, bases, input_ids, tmp_path):
     back = _quiet(AdapterModel.from_pretrained, copy.deepcopy(base), tmp_path / "theirs").eval()
     assert (_logits(back, **kw) - _logits(theirs, **kw)).abs().max() <= TOL
     if arch != "t5":
-        assert torch.equal(_greedy(back, input_ids), _quiet(theirs.generate, input_ids=input_ids,
-                           attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0))
+        # peft's side decoded by its forward alone: peft 0.21's generate() for virtual tokens does not follow
+        # transformers 5.24's `cache` keyword (it decodes other tokens than its own forward implies).
+        assert torch.equal(_greedy(back, input_ids), greedy_by_forward(theirs, input_ids, NEW))
 
 
 # ---------------------------------------------------------------------- files
