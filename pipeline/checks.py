@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.config import STAGES, ConfigError, RunConfig
-from pipeline.data import DataError, tokenize_pairs, tokenize_sft
+from pipeline.data import tokenize_pairs, tokenize_sft
 from pipeline.tracking import TrackingError
 
 Warn = Callable[[str], None]

@@ -25,7 +25,7 @@ def evaluate_adapter(cfg: RunConfig, ref: str, *, device: str | None = None) -> 
     from pipeline.inputs import pair_rows, sft_rows
     from pipeline.modeling import load_base_model, load_tokenizer
     from pipeline.roles import has_value_head
-    from pipeline.stages import common, reward
+    from pipeline.stages import common, pairs, reward
 
     with tracking.quiet_mlflow():
         folder = tracking.resolve_adapter(ref, tracking_uri=cfg.tracking_uri())
@@ -45,7 +45,7 @@ def evaluate_adapter(cfg: RunConfig, ref: str, *, device: str | None = None) -> 
                           f"{str(exc).splitlines()[0]}") from None
     if is_reward:
         _, held_out = pair_rows(cfg, cfg.reward.data, "reward.data")
-        eval_set, _ = reward.tokenized_pairs(cfg, held_out, tokenizer, cfg.reward.data.columns)
+        eval_set, _ = pairs.tokenized_pairs(cfg, held_out, tokenizer, cfg.reward.data.columns)
         collate = PairCollator(pad_token_id=tokenizer.pad_token_id)
         metrics = reward.evaluate(model, eval_set, collate, worker, cfg.reward.batch_size * 2)
         return folder, {**metrics, "eval_pairs": float(len(eval_set))}

@@ -25,13 +25,12 @@ from pipeline import engine, guards, tracking
 from pipeline.backends import Backend
 from pipeline.config import RunConfig
 from pipeline.data import IGNORE_INDEX, PairCollator, count_tokens, split_pairs
-from pipeline.inputs import pair_rows, sft_rows
+from pipeline.inputs import sft_rows
 from pipeline.modeling import adapter_config, load_base_model, load_tokenizer
 from pipeline.resources import Throughput, reset_gpu_peaks
 from pipeline.rl_math import dpo_loss, token_logprobs
 from pipeline.roles import Roles
-from pipeline.stages import common
-from pipeline.stages.reward import tokenized_pairs
+from pipeline.stages import common, pairs
 
 STAGE = "dpo"
 POLICY, REFERENCE = "policy", "reference"
@@ -114,26 +113,12 @@ def train_loop(payload: dict[str, Any]) -> None:
     inputs = payload["inputs"]
     base = load_base_model(cfg.model, common.base_device(cfg, worker))
     roles = build_roles(cfg, base, inputs.get("policy"), inputs.get("reference"))
-    train_rows, held_out = pair_rows(cfg, spec.data, "dpo.data")
-    train_set, truncation = tokenized_pairs(cfg, train_rows, tokenizer, spec.data.columns)
-    eval_set, _ = tokenized_pairs(cfg, held_out, tokenizer, spec.data.columns)
-    collate = PairCollator(pad_token_id=tokenizer.pad_token_id)
-
-    steps_per_epoch, total = common.total_steps(len(train_set), spec.batch_size, worker, epochs=spec.epochs,
-                                                max_steps=spec.max_steps, batch_field="dpo.batch_size")
-    n_train = common.count_parameters(roles.trainable_parameters())
-    backend = common.make_backend(cfg, roles, worker, STAGE, total_steps=total)
-
-    state: dict[str, Any] = {"step": 0}
-    resumed = common.resume_folder(payload)
-    if resumed is not None:
-        state = common.restore(backend, resumed, roles)
-        engine.say(f"[dpo] resumed from step {state['step']}")
-
+    setup = pairs.prepare(cfg, STAGE, spec, roles, tokenizer, worker, payload)
+    train_set, eval_set, collate, backend, state = (setup.train_set, setup.eval_set, setup.collate,
+                                                    setup.backend, setup.state)
+    steps_per_epoch, total = setup.steps_per_epoch, setup.total
     if worker.is_main:
-        logger.log({"trainable_params": n_train, "train_pairs": len(train_set),
-                    "eval_pairs": len(eval_set), "truncated_pairs": truncation.truncated,
-                    "reference_is_base": float(roles.is_base(REFERENCE))}, step=0)
+        logger.log({**setup.first_metrics, "reference_is_base": float(roles.is_base(REFERENCE))}, step=0)
     if "eval_before" not in state:
         state["eval_before"] = evaluate(roles, eval_set, collate, worker, cfg, spec.batch_size * 2, backend)
         logger.log(state["eval_before"], step=0)

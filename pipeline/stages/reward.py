@@ -19,14 +19,13 @@ import torch
 
 from pipeline import engine, guards, tracking
 from pipeline.backends import Backend
-from pipeline.config import PairColumns, RunConfig
-from pipeline.data import PairCollator, count_tokens, split_pairs, tokenize_pairs
-from pipeline.inputs import pair_rows
+from pipeline.config import RunConfig
+from pipeline.data import PairCollator, count_tokens, split_pairs
 from pipeline.modeling import adapter_config, load_base_model, load_tokenizer
 from pipeline.resources import Throughput, reset_gpu_peaks
 from pipeline.rl_math import bradley_terry_loss
 from pipeline.roles import Roles, has_value_head
-from pipeline.stages import common
+from pipeline.stages import common, pairs
 
 STAGE = "reward"
 ROLE = "reward"
@@ -40,13 +39,6 @@ def build_roles(cfg: RunConfig, base: torch.nn.Module, init_dir: str | None) -> 
     else:
         roles.add(ROLE, adapter_config(cfg.adapter, cfg.model), trainable=True, value_head="zero")
     return roles
-
-
-def tokenized_pairs(cfg: RunConfig, rows, tokenizer, columns: PairColumns):
-    """Pairs formatted like SFT rows: ``data.prompt_template``, ``data.max_length``, eos appended."""
-    return tokenize_pairs(rows, tokenizer, prompt_column=columns.prompt, chosen_column=columns.chosen,
-                          rejected_column=columns.rejected, prompt_template=cfg.data.prompt_template,
-                          max_length=cfg.data.max_length, truncation=cfg.data.truncation)
 
 
 def pair_scores(roles: Roles, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,25 +79,12 @@ def train_loop(payload: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(cfg.model)
     base = load_base_model(cfg.model, common.base_device(cfg, worker))
     roles = build_roles(cfg, base, payload["inputs"].get("init"))
-    train_rows, held_out = pair_rows(cfg, spec.data, "reward.data")
-    train_set, truncation = tokenized_pairs(cfg, train_rows, tokenizer, spec.data.columns)
-    eval_set, _ = tokenized_pairs(cfg, held_out, tokenizer, spec.data.columns)
-    collate = PairCollator(pad_token_id=tokenizer.pad_token_id)
-
-    steps_per_epoch, total = common.total_steps(len(train_set), spec.batch_size, worker, epochs=spec.epochs,
-                                                max_steps=spec.max_steps, batch_field="reward.batch_size")
-    n_train = common.count_parameters(roles.trainable_parameters())
-    backend = common.make_backend(cfg, roles, worker, STAGE, total_steps=total)
-
-    state: dict[str, Any] = {"step": 0}
-    resumed = common.resume_folder(payload)
-    if resumed is not None:
-        state = common.restore(backend, resumed, roles)
-        engine.say(f"[reward] resumed from step {state['step']}")
-
+    setup = pairs.prepare(cfg, STAGE, spec, roles, tokenizer, worker, payload)
+    train_set, eval_set, collate, backend, state = (setup.train_set, setup.eval_set, setup.collate,
+                                                    setup.backend, setup.state)
+    steps_per_epoch, total = setup.steps_per_epoch, setup.total
     if worker.is_main:
-        logger.log({"trainable_params": n_train, "train_pairs": len(train_set), "eval_pairs": len(eval_set),
-                    "truncated_pairs": truncation.truncated}, step=0)
+        logger.log(setup.first_metrics, step=0)
     if "eval_before" not in state:
         state["eval_before"] = evaluate(roles, eval_set, collate, worker, spec.batch_size * 2, backend)
         logger.log(state["eval_before"], step=0)

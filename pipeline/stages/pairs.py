@@ -1,0 +1,61 @@
+"""What the two preference-pair stages (reward, DPO) set up alike before their loops differ.
+
+Both read ``{prompt, chosen, rejected}`` rows, format them like SFT rows, shard the same epochs
+over the workers, wrap their roles in one Backend and resume from the same checkpoint layout;
+only the loss and the metrics differ. Keeping the setup here keeps the two stages' step
+accounting (and so their resume behaviour) identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import engine
+from pipeline.backends import Backend
+from pipeline.config import PairColumns, RunConfig
+from pipeline.data import PairCollator, tokenize_pairs
+from pipeline.inputs import pair_rows
+from pipeline.roles import Roles
+from pipeline.stages import common
+
+
+def tokenized_pairs(cfg: RunConfig, rows, tokenizer, columns: PairColumns):
+    """Pairs formatted like SFT rows: ``data.prompt_template``, ``data.max_length``, eos appended."""
+    return tokenize_pairs(rows, tokenizer, prompt_column=columns.prompt, chosen_column=columns.chosen,
+                          rejected_column=columns.rejected, prompt_template=cfg.data.prompt_template,
+                          max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+
+
+@dataclass
+class PairTraining:
+    train_set: Any
+    eval_set: Any
+    collate: PairCollator
+    steps_per_epoch: int
+    total: int
+    backend: Backend
+    state: dict[str, Any]
+    first_metrics: dict[str, float]
+
+
+def prepare(cfg: RunConfig, stage: str, spec: Any, roles: Roles, tokenizer, worker: engine.Worker,
+            payload: dict[str, Any]) -> PairTraining:
+    """Tokenized train/held-out pairs, the step budget, the Backend, and the state to start from
+    (step 0, or the latest checkpoint's when Ray Train restarted the run)."""
+    train_rows, held_out = pair_rows(cfg, spec.data, f"{stage}.data")
+    train_set, truncation = tokenized_pairs(cfg, train_rows, tokenizer, spec.data.columns)
+    eval_set, _ = tokenized_pairs(cfg, held_out, tokenizer, spec.data.columns)
+    steps_per_epoch, total = common.total_steps(len(train_set), spec.batch_size, worker, epochs=spec.epochs,
+                                                max_steps=spec.max_steps, batch_field=f"{stage}.batch_size")
+    n_train = common.count_parameters(roles.trainable_parameters())
+    backend = common.make_backend(cfg, roles, worker, stage, total_steps=total)
+    state: dict[str, Any] = {"step": 0}
+    resumed = common.resume_folder(payload)
+    if resumed is not None:
+        state = common.restore(backend, resumed, roles)
+        engine.say(f"[{stage}] resumed from step {state['step']}")
+    first = {"trainable_params": n_train, "train_pairs": len(train_set), "eval_pairs": len(eval_set),
+             "truncated_pairs": truncation.truncated}
+    return PairTraining(train_set, eval_set, PairCollator(pad_token_id=tokenizer.pad_token_id), steps_per_epoch,
+                        total, backend, state, first)
