@@ -89,19 +89,23 @@ def fwd():
     return _logits
 
 
-def _greedy_by_forward(model, input_ids, steps, pad_token_id=0, **kw):
+def _greedy_by_forward(model, input_ids, steps, pad_token_id=0, min_new_tokens=0, **kw):
     """Greedy decoding by re-running the whole sequence each step: no KV cache and none of
     generate()'s plumbing, so it is a reference for any model whose forward is right. Like
-    generate(), a row that has produced the config's eos token continues with ``pad_token_id``."""
+    generate(), eos cannot be chosen before ``min_new_tokens``, and a row that has produced it
+    continues with ``pad_token_id``."""
     eos = getattr(model.config, "eos_token_id", None)
     eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
     seq = input_ids
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(steps):
-            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), **kw).logits
-            nxt = logits[:, -1].argmax(-1)
+        for step in range(steps):
+            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), **kw).logits[:, -1]
+            if step < min_new_tokens and eos:
+                logits = logits.clone()
+                logits[:, sorted(eos)] = float("-inf")
+            nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             done |= torch.tensor([int(t) in eos for t in nxt])
             seq = torch.cat((seq, nxt[:, None]), dim=1)

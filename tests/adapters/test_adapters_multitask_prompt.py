@@ -119,7 +119,8 @@ def test_raypeft_to_peft(llama_base, batch, tmp_path, greedy_by_forward):
     with torch.no_grad():
         expected = ours(input_ids=batch, task_ids=task_ids).logits
         assert (_quiet(theirs, input_ids=batch, task_ids=task_ids).logits - expected).abs().max() <= TOL
-        assert torch.equal(greedy_by_forward(theirs, batch, GEN["max_new_tokens"], task_ids=task_ids),
+        assert torch.equal(greedy_by_forward(theirs, batch, GEN["max_new_tokens"], min_new_tokens=GEN["min_new_tokens"],
+                                             task_ids=task_ids),
                            ours.generate(input_ids=batch, task_ids=task_ids, **GEN))
 
 
@@ -134,7 +135,8 @@ def test_peft_to_raypeft(llama_base, batch, tmp_path, greedy_by_forward):
         expected = _quiet(theirs, input_ids=batch, task_ids=task_ids).logits
         assert (ours(input_ids=batch, task_ids=task_ids).logits - expected).abs().max() <= TOL
         assert torch.equal(ours.generate(input_ids=batch, task_ids=task_ids, **GEN),
-                           greedy_by_forward(theirs, batch, GEN["max_new_tokens"], task_ids=task_ids))
+                           greedy_by_forward(theirs, batch, GEN["max_new_tokens"], min_new_tokens=GEN["min_new_tokens"],
+                                             task_ids=task_ids))
 
 
 @pytest.mark.parametrize("init", ["AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"])
