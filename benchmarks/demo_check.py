@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.demo import DEMO_PROMPT_TEMPLATE, DemoSettings, ensure_demo_assets  # noqa: E402
-from pipeline.demo.model import torch_threads  # noqa: E402
-from pipeline.evaluation import generate_responses, rouge_scores  # noqa: E402
+from raypeft.pipeline.demo import DEMO_PROMPT_TEMPLATE, DemoSettings, ensure_demo_assets  # noqa: E402
+from raypeft.pipeline.demo.model import torch_threads  # noqa: E402
+from raypeft.pipeline.evaluation import generate_responses, rouge_scores  # noqa: E402
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -201,7 +201,7 @@ def _task_type(spec: ModelSpec) -> str:
 def _attach_lora(model, spec: ModelSpec, lib: str):
     """LoRA with fp32 adapter weights on either library (peft's default autocasts adapters to fp32)."""
     if lib == "ours":
-        from adapters import LoraConfig, get_adapter_model
+        from raypeft.adapters import LoraConfig, get_adapter_model
 
         return get_adapter_model(model, LoraConfig(task_type=_task_type(spec), **_lora_kwargs(spec)),
                                  adapter_dtype=torch.float32)
@@ -216,7 +216,7 @@ def _quantize(model) -> None:
     to load). Like transformers' quantizer it leaves the output head and the model's
     ``_keep_in_fp32_modules`` (T5's ``wo``, whose forward casts its input to the weight's dtype)
     unquantized, in bf16."""
-    from adapters import quantize_linear_layers
+    from raypeft.adapters import quantize_linear_layers
 
     skip = ["lm_head", *(getattr(model, "_keep_in_fp32_modules", None) or [])]
     quantize_linear_layers(model, 4, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
@@ -260,7 +260,7 @@ def _init_single_process_group(device: torch.device) -> None:
 
 def _zero3_trainer(model, lib: str, micro_batch: int, dtype: str):
     """(module to call, backward+step function) for a ZeRO-3 CPU-offload engine over ``model``."""
-    from pipeline.backends import build_backend, fill_deepspeed_config, load_deepspeed_config
+    from raypeft.pipeline.backends import build_backend, fill_deepspeed_config, load_deepspeed_config
 
     if lib == "ours":
         backend = build_backend(model, deepspeed_config=str(ZERO3_OFFLOAD_JSON), micro_batch_size=micro_batch,
@@ -304,7 +304,7 @@ def _setup(spec: ModelSpec, variant: str, lib: str, tiny: bool, device: torch.de
     if variant == "qlora":
         _quantize(base)
         if lib == "ours":
-            from adapters import prepare_model_for_kbit_training
+            from raypeft.adapters import prepare_model_for_kbit_training
 
             # What pipeline.modeling.load_base_model does for a quantized base (see kbit_keep_in_fp32).
             prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,

@@ -61,8 +61,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "methods_demo")
     args = ap.parse_args()
 
-    from pipeline.config import load_config
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.config import load_config
+    from raypeft.pipeline.workflow import run_workflow
 
     import torch
 

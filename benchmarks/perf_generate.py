@@ -25,7 +25,7 @@ import torch
 
 from perf_common import Report, alternate, build_llama, copy_trainable, pick_device, summarize
 
-import adapters
+from raypeft import adapters
 
 
 def _copy_all_lora(src: torch.nn.Module, dst: torch.nn.Module) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 
 from perf_common import Report, alternate, copy_trainable, pick_device, summarize
 
-from adapters import LoraConfig, get_adapter_model
+from raypeft.adapters import LoraConfig, get_adapter_model
 
 
 def make_layers(n_in: int, n_out: int, r: int, device: torch.device, dtype: torch.dtype, dropout: float):

@@ -41,7 +41,7 @@ from perf_common import (
     summarize,
 )
 
-import adapters
+from raypeft import adapters
 
 METHODS = ("lora", "lora_dropout", "lora_fp32", "prompt", "prefix", "qlora")
 

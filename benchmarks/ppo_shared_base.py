@@ -44,7 +44,7 @@ def quantized_base(size: str, device: torch.device, dtype: torch.dtype, seed: in
     """A random-init Llama of ``size`` shapes in NF4, prepared for k-bit training like the pipeline's."""
     from transformers import LlamaForCausalLM
 
-    from adapters import prepare_model_for_kbit_training, quantize_linear_layers
+    from raypeft.adapters import prepare_model_for_kbit_training, quantize_linear_layers
 
     config = llama_config(size)
     if intermediate:
@@ -68,9 +68,9 @@ def quantized_base(size: str, device: torch.device, dtype: torch.dtype, seed: in
 
 
 def four_roles(base: torch.nn.Module, rank: int):
-    from adapters import LoraConfig
-    from pipeline.roles import Roles
-    from pipeline.stages import ppo
+    from raypeft.adapters import LoraConfig
+    from raypeft.pipeline.roles import Roles
+    from raypeft.pipeline.stages import ppo
 
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
     roles = Roles(base)
@@ -90,7 +90,7 @@ def bytes_on(device: torch.device) -> int:
 
 
 def ppo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, seed: int) -> list[dict]:
-    from pipeline.stages import ppo
+    from raypeft.pipeline.stages import ppo
 
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2)
     generator = torch.Generator().manual_seed(seed)
@@ -132,9 +132,9 @@ def reset(device: torch.device) -> None:
 
 
 def main() -> None:
-    from pipeline.backends import TorchBackend
-    from pipeline.config import parse_config
-    from pipeline.stages import ppo
+    from raypeft.pipeline.backends import TorchBackend
+    from raypeft.pipeline.config import parse_config
+    from raypeft.pipeline.stages import ppo
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="8b", help="perf_common.llama_config shapes (8b, 1b, tiny, ...)")

@@ -38,7 +38,7 @@ def _save_base(size: str, workdir: Path, dtype: torch.dtype, device: torch.devic
     """A random-init Llama of ``size`` shapes with the demo tokenizer, saved to ``workdir/model``."""
     from transformers import AutoTokenizer
 
-    from pipeline.demo import ensure_demo_assets
+    from raypeft.pipeline.demo import ensure_demo_assets
 
     demo = ensure_demo_assets()
     tokenizer = AutoTokenizer.from_pretrained(str(demo.model_dir))
@@ -65,7 +65,7 @@ def _save_base(size: str, workdir: Path, dtype: torch.dtype, device: torch.devic
 
 
 def _zero3() -> dict:
-    from pipeline.deepspeed_configs import resolve
+    from raypeft.pipeline.deepspeed_configs import resolve
 
     ds = resolve("zero3")
     ds["zero_optimization"].update(stage3_max_live_parameters=int(1e8), stage3_max_reuse_distance=int(1e8))
@@ -75,8 +75,8 @@ def _zero3() -> dict:
 def _run(n: int, args, model_dir: Path, workdir: Path, dtype: str):
     from mlflow import MlflowClient
 
-    from pipeline.config import load_config
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.config import load_config
+    from raypeft.pipeline.workflow import run_workflow
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     resources = {"CPU": 1} if args.cpu else {"GPU": 1, "CPU": 4}
@@ -105,7 +105,7 @@ def _run(n: int, args, model_dir: Path, workdir: Path, dtype: str):
 
 
 def _compare(a: Path, b: Path) -> dict[str, float]:
-    from adapters.serialization import load_adapter_weights
+    from raypeft.adapters.serialization import load_adapter_weights
 
     wa, wb = load_adapter_weights(a), load_adapter_weights(b)
     if wa.keys() != wb.keys():

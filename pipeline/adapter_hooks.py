@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters import AdaLoraConfig, MultitaskPromptTuningConfig, orthogonal_regularization, update_and_allocate
-from adapters.adalora import adalora_layers
-from pipeline import engine
-from pipeline.config import AdaLoraSpec, MultitaskPromptSpec, RunConfig
+from raypeft.adapters import AdaLoraConfig, MultitaskPromptTuningConfig, orthogonal_regularization, update_and_allocate
+from raypeft.adapters.adalora import adalora_layers
+from raypeft.pipeline import engine
+from raypeft.pipeline.config import AdaLoraSpec, MultitaskPromptSpec, RunConfig
 
 
 def _active_config(model: nn.Module) -> Any:

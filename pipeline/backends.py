@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pipeline import engine
+from raypeft.pipeline import engine
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
@@ -146,7 +146,7 @@ class TorchBackend(Backend):
              state: dict[str, Any]) -> None:
         if not is_main:
             return
-        from pipeline import checkpoint
+        from raypeft.pipeline import checkpoint
 
         write_adapter(folder / checkpoint.ADAPTER_DIR)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -154,7 +154,7 @@ class TorchBackend(Backend):
         _mark_complete(folder, state)
 
     def restore(self, folder: Path, *, read_adapter: Callable[[Path], None]) -> dict[str, Any]:
-        from pipeline import checkpoint
+        from raypeft.pipeline import checkpoint
 
         _require_complete(folder)
         read_adapter(folder / checkpoint.ADAPTER_DIR)
@@ -193,7 +193,7 @@ def _partition_for_zero3(model: nn.Module, ds_config: dict[str, Any]) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from adapters.quantization import is_quantized_param
+    from raypeft.adapters.quantization import is_quantized_param
 
     dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") is True else
              torch.float16 if ds_config.get("fp16", {}).get("enabled") is True else None)
@@ -314,7 +314,7 @@ class DeepSpeedBackend(Backend):
     def save(self, folder: Path, *, is_main: bool, write_adapter: Callable[[Path], None],
              state: dict[str, Any]) -> None:
         """Every rank writes its optimiser partition; rank 0 also the PEFT adapter and the marker."""
-        from pipeline import checkpoint
+        from raypeft.pipeline import checkpoint
 
         # Frozen base weights are excluded: they are reloaded from the model's source.
         self.engine.save_checkpoint(str(folder / DS_DIR), tag=DS_TAG, client_state={"raypeft": dict(state)},
@@ -374,14 +374,14 @@ def pad_for_lockstep(items: list[Any], batch_size: int, lockstep: bool, filler: 
 
 
 def _mark_complete(folder: Path, state: dict[str, Any]) -> None:
-    from pipeline import checkpoint
+    from raypeft.pipeline import checkpoint
 
     # Written last: a folder without it is a checkpoint whose writer died part-way.
     (folder / checkpoint.META_FILE).write_text(json.dumps({"step": state.get("step"), "complete": True}))
 
 
 def _require_complete(folder: Path) -> None:
-    from pipeline import checkpoint
+    from raypeft.pipeline import checkpoint
 
     if not checkpoint.is_complete(folder):
         raise RuntimeError(f"{folder}: checkpoint is incomplete (its writer stopped part-way)")

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from adapters import AdapterModel
+from raypeft.adapters import AdapterModel
 
 if TYPE_CHECKING:
-    from pipeline.roles import Roles
+    from raypeft.pipeline.roles import Roles
 
 ADAPTER_DIR = "adapter"
 STATE_FILE = "trainer_state.pt"
@@ -52,7 +52,7 @@ def restore(folder: Path, model: AdapterModel | Roles, optimizer: torch.optim.Op
     if not is_complete(folder):
         raise RuntimeError(f"{folder}: checkpoint is incomplete (its writer stopped part-way)")
     if isinstance(model, AdapterModel):
-        from adapters.serialization import load_adapter_weights
+        from raypeft.adapters.serialization import load_adapter_weights
 
         model.load_adapter_state_dict(load_adapter_weights(folder / ADAPTER_DIR), adapter_name)
     else:

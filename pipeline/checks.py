@@ -25,9 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.config import STAGES, ConfigError, RunConfig
-from pipeline.data import tokenize_pairs, tokenize_sft
-from pipeline.tracking import TrackingError
+from raypeft.pipeline.config import STAGES, ConfigError, RunConfig
+from raypeft.pipeline.data import tokenize_pairs, tokenize_sft
+from raypeft.pipeline.tracking import TrackingError
 
 Warn = Callable[[str], None]
 
@@ -150,7 +150,7 @@ def safe_adapter_folder(folder: str, field: str, *, allow_pickle: bool) -> str:
         raise ConfigError(f"{field}: {path / PICKLE_WEIGHTS} is a pickle, and loading a pickle can run code; "
                           f"convert it to {SAFE_WEIGHTS}, or set model.allow_pickle_adapters: true if you "
                           "trust its source")
-    from adapters.serialization import load_adapter_weights, save_adapter_weights
+    from raypeft.adapters.serialization import load_adapter_weights, save_adapter_weights
 
     try:
         weights = load_adapter_weights(path, allow_pickle=True)
@@ -170,7 +170,7 @@ def check_adapter_fits(folder: str, field: str, skeleton_factory: Callable[[], A
     A meta-device load reads the adapter file (small) and compares shapes without allocating
     the base, so an adapter trained on another model fails here naming the layer.
     """
-    from adapters import AdapterModel
+    from raypeft.adapters import AdapterModel
 
     try:
         AdapterModel.from_pretrained(skeleton_factory(), folder)
@@ -188,8 +188,8 @@ def check_input_adapters(cfg: RunConfig, inputs: dict[str, dict[str, str | None]
     Returns ``inputs`` with converted folders substituted. Adapters a stage of this invocation
     will write are skipped: they do not exist yet and are written by raypeft itself.
     """
-    from pipeline.modeling import skeleton_model
-    from pipeline.references import stage_fields
+    from raypeft.pipeline.modeling import skeleton_model
+    from raypeft.pipeline.references import stage_fields
 
     done: dict[str, str] = {}
     out: dict[str, dict[str, str | None]] = {}

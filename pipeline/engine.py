@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from pipeline.config import RunConfig
+from raypeft.pipeline.config import RunConfig
 
 
 # ------------------------------------------------------------------------------- driver
@@ -61,7 +61,7 @@ def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name
     from ray.train import FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline import guards
+    from raypeft.pipeline import guards
 
     resources = cfg.scaling.resources_per_worker
     if resources is None and not cfg.scaling.use_gpu:

@@ -58,7 +58,7 @@ def check_finite(loss: torch.Tensor | float, *, stage: str, step: int) -> None:
     Call it on every rank at the same point of the loop (after the forward, before ``backward``):
     the flags are summed over workers, on the loss's device (gloo on CPU, NCCL on GPU).
     """
-    from pipeline import engine
+    from raypeft.pipeline import engine
 
     device = loss.device if isinstance(loss, torch.Tensor) else None
     nan, inf = engine.all_reduce(list(_kind(loss)), op="sum", device=device)
@@ -81,7 +81,7 @@ def stop_on_nonfinite(loop: Callable[[dict], None]) -> Callable[[dict], None]:
         except NonFiniteLoss as exc:
             import ray.train
 
-            from pipeline import engine, tracking
+            from raypeft.pipeline import engine, tracking
 
             tracking.RunLogger.flush_open()  # the steps before the bad one stay in MLflow
             if ray.train.get_context().get_world_rank() == 0:
@@ -120,7 +120,7 @@ def raise_if_stopped(result: Any, verdict_file: Path) -> Any:
 
 
 def _checkpoint_step(path: str) -> int | None:
-    from pipeline.checkpoint import META_FILE
+    from raypeft.pipeline.checkpoint import META_FILE
 
     try:
         return int(json.loads((Path(path) / META_FILE).read_text())["step"])

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from pipeline.config import PairDataSpec, PromptDataSpec, RunConfig
-from pipeline.data import DataError, check_columns, load_rows, split_train_eval
+from raypeft.pipeline.config import PairDataSpec, PromptDataSpec, RunConfig
+from raypeft.pipeline.data import DataError, check_columns, load_rows, split_train_eval
 
 DEMO_SOURCE = "demo"
 
@@ -20,7 +20,7 @@ def sft_rows(cfg: RunConfig) -> tuple[Dataset, Dataset]:
     data = cfg.data
     trust = cfg.model.trust_remote_code
     if data.source == DEMO_SOURCE:
-        from pipeline.demo import ensure_demo_assets
+        from raypeft.pipeline.demo import ensure_demo_assets
 
         files = ensure_demo_assets().data_dir
         train = load_rows(str(files / "sft_train.jsonl"))
@@ -62,7 +62,7 @@ def pair_rows(cfg: RunConfig, spec: PairDataSpec, field: str) -> tuple[Dataset, 
     trust = cfg.model.trust_remote_code
     where = f"{field}.source"
     if spec.source == DEMO_SOURCE:
-        from pipeline.demo import ensure_demo_assets
+        from raypeft.pipeline.demo import ensure_demo_assets
 
         files = ensure_demo_assets().data_dir
         train = load_rows(str(files / "preference_train.jsonl"), where=where)
@@ -92,7 +92,7 @@ def prompt_rows(cfg: RunConfig, spec: PromptDataSpec, field: str) -> Dataset:
     """PPO's prompts: one text column (``field``: the stage's data block, for error messages)."""
     where = f"{field}.source"
     if spec.source == DEMO_SOURCE:
-        from pipeline.demo import ensure_demo_assets
+        from raypeft.pipeline.demo import ensure_demo_assets
 
         rows = load_rows(str(ensure_demo_assets().data_dir / "prompts.jsonl"), where=where)
     else:

@@ -14,10 +14,10 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
-from adapters import (AdaLoraConfig, AdapterConfig, AdapterModel, AdaptionPromptConfig, BottleneckConfig, IA3Config,
+from raypeft.adapters import (AdaLoraConfig, AdapterConfig, AdapterModel, AdaptionPromptConfig, BottleneckConfig, IA3Config,
                       LoHaConfig, LoKrConfig, LoraConfig, MultitaskPromptTuningConfig, PrefixTuningConfig,
                       PromptEncoderConfig, PromptTuningConfig, get_adapter_model)
-from pipeline.config import AdaLoraSpec, AdapterSpec, ConfigError, ModelSpec, MultitaskPromptSpec, PromptSpec
+from raypeft.pipeline.config import AdaLoraSpec, AdapterSpec, ConfigError, ModelSpec, MultitaskPromptSpec, PromptSpec
 
 DEMO_MODEL = "demo"
 
@@ -28,7 +28,7 @@ _STORAGE = {**_DTYPES, "uint8": torch.uint8}
 def resolve_model_path(spec: ModelSpec) -> str:
     """The path or hub id transformers should load; builds the demo assets on first use."""
     if spec.name_or_path == DEMO_MODEL:
-        from pipeline.demo import ensure_demo_assets
+        from raypeft.pipeline.demo import ensure_demo_assets
 
         return str(ensure_demo_assets().model_dir)
     local = Path(spec.name_or_path).expanduser()
@@ -90,7 +90,7 @@ def load_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> PreT
         **kwargs,
     )
     if quant is not None:
-        from adapters import prepare_model_for_kbit_training
+        from raypeft.adapters import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
                                                 keep_in_fp32="norms")

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import tracking
-from pipeline.config import STAGES, ConfigError, RunConfig
-from pipeline.roles import VALUE_HEAD_FILE
+from raypeft.pipeline import tracking
+from raypeft.pipeline.config import STAGES, ConfigError, RunConfig
+from raypeft.pipeline.roles import VALUE_HEAD_FILE
 
 POLICY_INIT = "policy_init"
 BASE = "base"

@@ -16,7 +16,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.tracking import TrackingError
+from raypeft.pipeline.tracking import TrackingError
 
 # The figures that say how good an adapter is, in the order shown (those a run lacks are skipped).
 KEY_METRICS = ("rougeL_after", "eval_accuracy_after", "eval_reward_after", "eval_kl_after",

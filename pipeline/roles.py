@@ -41,9 +41,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters import AdapterConfig, AdapterModel, get_adapter_model
-from adapters.serialization import load_adapter_weights, save_adapter_weights
-from pipeline.rl_math import last_token_index
+from raypeft.adapters import AdapterConfig, AdapterModel, get_adapter_model
+from raypeft.adapters.serialization import load_adapter_weights, save_adapter_weights
+from raypeft.pipeline.rl_math import last_token_index
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 ROLES_DIR = "roles"

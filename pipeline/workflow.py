@@ -21,12 +21,12 @@ from typing import Any, Callable
 
 import yaml
 
-from pipeline import checks, deepspeed_configs, engine, tracking
-from pipeline.checkpoint import ADAPTER_DIR
-from pipeline.config import ConfigError, RunConfig
-from pipeline.inputs import pair_rows, prompt_rows, sft_rows
-from pipeline.modeling import check_adapter_targets, load_tokenizer
-from pipeline.references import resolve_stage_inputs
+from raypeft.pipeline import checks, deepspeed_configs, engine, tracking
+from raypeft.pipeline.checkpoint import ADAPTER_DIR
+from raypeft.pipeline.config import ConfigError, RunConfig
+from raypeft.pipeline.inputs import pair_rows, prompt_rows, sft_rows
+from raypeft.pipeline.modeling import check_adapter_targets, load_tokenizer
+from raypeft.pipeline.references import resolve_stage_inputs
 
 
 @dataclass
@@ -40,13 +40,13 @@ class StageOutcome:
 
 def _stage_loop(stage: str) -> Callable[[dict], None]:
     if stage == "sft":
-        from pipeline.stages.sft import train_loop
+        from raypeft.pipeline.stages.sft import train_loop
     elif stage == "reward":
-        from pipeline.stages.reward import train_loop
+        from raypeft.pipeline.stages.reward import train_loop
     elif stage == "dpo":
-        from pipeline.stages.dpo import train_loop
+        from raypeft.pipeline.stages.dpo import train_loop
     elif stage == "ppo":
-        from pipeline.stages.ppo import train_loop
+        from raypeft.pipeline.stages.ppo import train_loop
     else:
         raise ConfigError(f"stages: unknown stage '{stage}'")
     return train_loop
@@ -109,8 +109,8 @@ def _check_deepspeed(cfg: RunConfig, stages: list[str]) -> None:
     ds = cfg.deepspeed_config()
     if ds is None:
         return
-    from pipeline.backends import fill_deepspeed_config
-    from pipeline.stages.common import stage_batch
+    from raypeft.pipeline.backends import fill_deepspeed_config
+    from raypeft.pipeline.stages.common import stage_batch
 
     for stage in stages:
         micro, accum = stage_batch(cfg, stage)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.config import ConfigError, apply_overrides
+from raypeft.pipeline.config import ConfigError, apply_overrides
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 CONFIG_PREFIX = "config."  # ``--set config.sft.max_steps=5`` edits the base run config, not the sweep

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tune.schema import SchedulerSpec, SweepConfig, SweepError
-from tune.space import SearchSpace
+from raypeft.tune.schema import SchedulerSpec, SweepConfig, SweepError
+from raypeft.tune.space import SearchSpace
 
 UNBOUNDED_T = 10**9  # ASHA's max_t when none is given: never stop a trial for its length alone
 
@@ -44,7 +44,7 @@ def search_algorithm(sweep: SweepConfig, space: SearchSpace) -> Any:
     """The Tune search algorithm: Tune's variant generator for grid/random, Optuna's TPE otherwise."""
     if sweep.search_alg == "optuna":
         require_optuna()
-        from tune.optuna_search import FinalMetricOptunaSearch
+        from raypeft.tune.optuna_search import FinalMetricOptunaSearch
 
         return FinalMetricOptunaSearch(space=space.optuna_define(), metric=sweep.metric, mode=sweep.mode,
                                        seed=sweep.seed)

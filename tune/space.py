@@ -23,8 +23,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from pipeline.config import RunConfig
-from tune.schema import ParamSpec, SweepError
+from raypeft.pipeline.config import RunConfig
+from raypeft.tune.schema import ParamSpec, SweepError
 
 METHOD_KEY = "adapter.method"
 POINT_KEY = "grid_point"  # the Tune config entry holding the index of a trial's grid point

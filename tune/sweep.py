@@ -24,15 +24,15 @@ from typing import Any, Callable, Iterator
 import yaml
 from ray.tune import Callback
 
-from pipeline import engine, tracking
-from pipeline.config import STAGES, ConfigError, RunConfig, apply_overrides, load_config, parse_config
-from tune import searchers
-from tune.callbacks import TRIAL_TAG
-from tune.cleanup import OrphanedGroupReaper
-from tune.schema import SweepConfig, SweepError, base_config_path
-from tune.space import SearchSpace, adapter_field, describe
-from tune.summary import COMPLETED, FAILED, STOPPED, TrialRow, markdown_table, plot, ranked, write_csv
-from tune.trials import COMPLETED_KEY, SWEEP_TAG, TrialContext, run_trial, set_dotted, trial_data
+from raypeft.pipeline import engine, tracking
+from raypeft.pipeline.config import STAGES, ConfigError, RunConfig, apply_overrides, load_config, parse_config
+from raypeft.tune import searchers
+from raypeft.tune.callbacks import TRIAL_TAG
+from raypeft.tune.cleanup import OrphanedGroupReaper
+from raypeft.tune.schema import SweepConfig, SweepError, base_config_path
+from raypeft.tune.space import SearchSpace, adapter_field, describe
+from raypeft.tune.summary import COMPLETED, FAILED, STOPPED, TrialRow, markdown_table, plot, ranked, write_csv
+from raypeft.tune.trials import COMPLETED_KEY, SWEEP_TAG, TrialContext, run_trial, set_dotted, trial_data
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _attr(cfg: RunConfig, dotted: str) -> Any:
 def _pin_inputs(cfg: RunConfig, data: dict, stage: str, inputs: dict[str, str | None]) -> None:
     """Replace stage-name and registry inputs with the folders the driver resolved, so every
     trial (each with its own output folder) reads the same adapter without downloading it."""
-    from pipeline.references import stage_fields
+    from raypeft.pipeline.references import stage_fields
 
     for role, (field, _) in stage_fields(cfg, stage).items():
         raw = _attr(cfg, field)
@@ -100,7 +100,7 @@ def _pin_inputs(cfg: RunConfig, data: dict, stage: str, inputs: dict[str, str | 
 def _check_trials(prep: PreparedSweep, resources: dict | None) -> None:
     """Build every trial config the space can produce (ranges at both ends) and check adapter
     targets once per distinct adapter block; the first problem names the trial's values."""
-    from pipeline.modeling import check_adapter_targets
+    from raypeft.pipeline.modeling import check_adapter_targets
 
     seen_keys: set[str] = set()
     adapters: dict[str, tuple[str, RunConfig]] = {}
@@ -361,7 +361,7 @@ def run_sweep(prep: PreparedSweep, log: Callable[[str], None] = print) -> SweepO
     (out_dir / "base_config.yaml").write_text(yaml.safe_dump(prep.base_data, sort_keys=False))
     with tracking.quiet_mlflow():
         experiment_id = tracking.connect(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location())
-        from pipeline.workflow import preflight
+        from raypeft.pipeline.workflow import preflight
 
         inputs = preflight(cfg, [sweep.stage])[sweep.stage]
         _pin_inputs(cfg, prep.base_data, sweep.stage, inputs)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import tracking
-from pipeline.config import RunConfig, parse_config
-from tune.schema import SweepError
-from tune.space import METHOD_KEY, SearchSpace, describe
+from raypeft.pipeline import tracking
+from raypeft.pipeline.config import RunConfig, parse_config
+from raypeft.tune.schema import SweepError
+from raypeft.tune.space import METHOD_KEY, SearchSpace, describe
 
 COMPLETED_KEY = "raypeft_trial_completed"  # only a trial that published its adapter reports it
 SWEEP_TAG = "raypeft.sweep"
@@ -103,9 +103,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     import ray.tune
     from mlflow import MlflowClient
 
-    from pipeline.references import resolve_stage_inputs
-    from pipeline.workflow import run_stage
-    from tune.callbacks import TRIAL_TAG, StageReportsToTune
+    from raypeft.pipeline.references import resolve_stage_inputs
+    from raypeft.pipeline.workflow import run_stage
+    from raypeft.tune.callbacks import TRIAL_TAG, StageReportsToTune
 
     trial_id = ray.tune.get_context().get_trial_id()
     params = ctx.space.resolve(config, ctx.points)

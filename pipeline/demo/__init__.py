@@ -4,9 +4,9 @@
 ``$RAYPEFT_CACHE`` or ``~/.cache/raypeft`` and returns their paths.
 """
 
-from pipeline.demo.assets import (DATA_FILES, DEMO_COLUMNS, DEMO_PROMPT_TEMPLATE, DEMO_RESPONSE_PREFIX, DemoAssets,
+from raypeft.pipeline.demo.assets import (DATA_FILES, DEMO_COLUMNS, DEMO_PROMPT_TEMPLATE, DEMO_RESPONSE_PREFIX, DemoAssets,
                                   build_demo_assets, default_cache_dir, ensure_demo_assets)
-from pipeline.demo.settings import DEMO_FORMAT_VERSION, DemoSettings
+from raypeft.pipeline.demo.settings import DEMO_FORMAT_VERSION, DemoSettings
 
 __all__ = [
     "DATA_FILES",

@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from pipeline.demo.settings import DemoSettings
+from raypeft.pipeline.demo.settings import DemoSettings
 
 NAMES = [
     "Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jack", "Kate", "Leo",

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from pipeline.demo.settings import DemoSettings
+from raypeft.pipeline.demo.settings import DemoSettings
 
 
 def llama_config(settings: DemoSettings, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:

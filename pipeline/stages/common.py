@@ -23,13 +23,13 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from pipeline import engine
-from pipeline.adapter_hooks import row_task_ids
-from pipeline.backends import Backend, build_backend, pad_for_lockstep, report_checkpoint
-from pipeline.config import RunConfig
-from pipeline.evaluation import generate_responses, rouge_scores
-from pipeline.resources import Throughput, worker_memory
-from pipeline.roles import Roles
+from raypeft.pipeline import engine
+from raypeft.pipeline.adapter_hooks import row_task_ids
+from raypeft.pipeline.backends import Backend, build_backend, pad_for_lockstep, report_checkpoint
+from raypeft.pipeline.config import RunConfig
+from raypeft.pipeline.evaluation import generate_responses, rouge_scores
+from raypeft.pipeline.resources import Throughput, worker_memory
+from raypeft.pipeline.roles import Roles
 
 
 def epoch_batches(n_rows: int, batch_size: int, worker: engine.Worker, seed: int, epoch: int) -> list[list[int]]:
@@ -157,7 +157,7 @@ def _adapter_io(model: nn.Module) -> tuple[Callable[[Path], None], Callable[[Pat
     if isinstance(model, Roles):
         return (lambda d: model.save_trainables(d.parent, d.name),
                 lambda d: model.load_trainables(d.parent, d.name))
-    from adapters.serialization import load_adapter_weights
+    from raypeft.adapters.serialization import load_adapter_weights
 
     name = getattr(model, "active_adapter", "default")
     return (lambda d: model.save_pretrained(str(d)),

@@ -21,16 +21,16 @@ from typing import Any
 
 import torch
 
-from pipeline import engine, guards, tracking
-from pipeline.backends import Backend
-from pipeline.config import RunConfig
-from pipeline.data import IGNORE_INDEX, PairCollator, count_tokens, split_pairs
-from pipeline.inputs import sft_rows
-from pipeline.modeling import adapter_config, load_base_model, load_tokenizer
-from pipeline.resources import Throughput, reset_gpu_peaks
-from pipeline.rl_math import dpo_loss, token_logprobs
-from pipeline.roles import Roles
-from pipeline.stages import common, pairs
+from raypeft.pipeline import engine, guards, tracking
+from raypeft.pipeline.backends import Backend
+from raypeft.pipeline.config import RunConfig
+from raypeft.pipeline.data import IGNORE_INDEX, PairCollator, count_tokens, split_pairs
+from raypeft.pipeline.inputs import sft_rows
+from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
+from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
+from raypeft.pipeline.rl_math import dpo_loss, token_logprobs
+from raypeft.pipeline.roles import Roles
+from raypeft.pipeline.stages import common, pairs
 
 STAGE = "dpo"
 POLICY, REFERENCE = "policy", "reference"

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import engine
-from pipeline.backends import Backend
-from pipeline.config import PairColumns, RunConfig
-from pipeline.data import PairCollator, tokenize_pairs
-from pipeline.inputs import pair_rows
-from pipeline.roles import Roles
-from pipeline.stages import common
+from raypeft.pipeline import engine
+from raypeft.pipeline.backends import Backend
+from raypeft.pipeline.config import PairColumns, RunConfig
+from raypeft.pipeline.data import PairCollator, tokenize_pairs
+from raypeft.pipeline.inputs import pair_rows
+from raypeft.pipeline.roles import Roles
+from raypeft.pipeline.stages import common
 
 
 def tokenized_pairs(cfg: RunConfig, rows, tokenizer, columns: PairColumns):

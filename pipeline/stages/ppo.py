@@ -35,18 +35,18 @@ from typing import Any
 
 import torch
 
-from pipeline import engine, guards, tracking
-from pipeline.backends import Backend
-from pipeline.config import PPOSpec, RunConfig
-from pipeline.data import PromptCollator, tokenize_prompts
-from pipeline.inputs import prompt_rows, sft_rows
-from pipeline.modeling import adapter_config, load_base_model, load_tokenizer
-from pipeline.resources import Throughput, reset_gpu_peaks, worker_memory
-from pipeline.rl_math import (AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss,
+from raypeft.pipeline import engine, guards, tracking
+from raypeft.pipeline.backends import Backend
+from raypeft.pipeline.config import PPOSpec, RunConfig
+from raypeft.pipeline.data import PromptCollator, tokenize_prompts
+from raypeft.pipeline.inputs import prompt_rows, sft_rows
+from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
+from raypeft.pipeline.resources import Throughput, reset_gpu_peaks, worker_memory
+from raypeft.pipeline.rl_math import (AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss,
                               entropy_from_logits, gae, kl_penalised_rewards, masked_mean, masked_whiten,
                               token_logprobs)
-from pipeline.roles import Roles, has_value_head
-from pipeline.stages import common
+from raypeft.pipeline.roles import Roles, has_value_head
+from raypeft.pipeline.stages import common
 
 STAGE = "ppo"
 POLICY, REFERENCE, REWARD, CRITIC = "policy", "reference", "reward", "critic"

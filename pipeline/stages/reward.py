@@ -17,15 +17,15 @@ from typing import Any
 
 import torch
 
-from pipeline import engine, guards, tracking
-from pipeline.backends import Backend
-from pipeline.config import RunConfig
-from pipeline.data import PairCollator, count_tokens, split_pairs
-from pipeline.modeling import adapter_config, load_base_model, load_tokenizer
-from pipeline.resources import Throughput, reset_gpu_peaks
-from pipeline.rl_math import bradley_terry_loss
-from pipeline.roles import Roles, has_value_head
-from pipeline.stages import common, pairs
+from raypeft.pipeline import engine, guards, tracking
+from raypeft.pipeline.backends import Backend
+from raypeft.pipeline.config import RunConfig
+from raypeft.pipeline.data import PairCollator, count_tokens, split_pairs
+from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
+from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
+from raypeft.pipeline.rl_math import bradley_terry_loss
+from raypeft.pipeline.roles import Roles, has_value_head
+from raypeft.pipeline.stages import common, pairs
 
 STAGE = "reward"
 ROLE = "reward"

@@ -14,14 +14,14 @@ import math
 import time
 from typing import Any
 
-from pipeline import engine, guards, tracking
-from pipeline.config import RunConfig
-from pipeline.data import SFTCollator, count_tokens, tokenize_sft
-from pipeline.inputs import sft_rows
-from pipeline.modeling import attach_adapter, load_base_model, load_tokenizer
-from pipeline.resources import Throughput, reset_gpu_peaks
-from pipeline.adapter_hooks import adapter_hooks
-from pipeline.stages import common
+from raypeft.pipeline import engine, guards, tracking
+from raypeft.pipeline.config import RunConfig
+from raypeft.pipeline.data import SFTCollator, count_tokens, tokenize_sft
+from raypeft.pipeline.inputs import sft_rows
+from raypeft.pipeline.modeling import attach_adapter, load_base_model, load_tokenizer
+from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
+from raypeft.pipeline.adapter_hooks import adapter_hooks
+from raypeft.pipeline.stages import common
 
 STAGE = "sft"
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters import (
+from raypeft.adapters import (
     AdaLoraConfig,
     AdaLoraLayer,
     AdapterModel,
@@ -21,7 +21,7 @@ from adapters import (
     orthogonal_regularization,
     update_and_allocate,
 )
-from adapters.adalora import get_rank_allocator
+from raypeft.adapters.adalora import get_rank_allocator
 
 peft = pytest.importorskip("peft")
 
@@ -351,7 +351,7 @@ def test_training_with_allocation_lowers_the_loss(llama):
 
 def test_quantized_base_adds_the_update_and_refuses_merge():
     pytest.importorskip("bitsandbytes")
-    from adapters.quantization import quantize_linear_layers
+    from raypeft.adapters.quantization import quantize_linear_layers
 
     torch.manual_seed(0)
     base = quantize_linear_layers(nn.Sequential(nn.Linear(64, 64)), 4)[0]

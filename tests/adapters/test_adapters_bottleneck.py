@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters import AdapterModel, BottleneckConfig, BottleneckLayer, get_adapter_model, load_config
+from raypeft.adapters import AdapterModel, BottleneckConfig, BottleneckLayer, get_adapter_model, load_config
 
 TOL = 1e-5
 

@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from adapters import AdapterModel, IA3Config, LoraConfig, get_adapter_model
-from adapters.combine import combined_delta
-from adapters.injection import adapter_layers
+from raypeft.adapters import AdapterModel, IA3Config, LoraConfig, get_adapter_model
+from raypeft.adapters.combine import combined_delta
+from raypeft.adapters.injection import adapter_layers
 
 peft = pytest.importorskip("peft")
 

@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
-from adapters import AdapterConfig, AdapterModel, LoraConfig, TaskType, get_adapter_model, load_config
-from adapters.config import config_class_for, registered_peft_types
+from raypeft.adapters import AdapterConfig, AdapterModel, LoraConfig, TaskType, get_adapter_model, load_config
+from raypeft.adapters.config import config_class_for, registered_peft_types
 
 peft = pytest.importorskip("peft")
 

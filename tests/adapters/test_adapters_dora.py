@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters import AdapterModel, LoraConfig, LoraEmbedding, LoraLinear, get_adapter_model, load_config
+from raypeft.adapters import AdapterModel, LoraConfig, LoraEmbedding, LoraLinear, get_adapter_model, load_config
 
 peft = pytest.importorskip("peft")
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters import AdapterModel, IA3Config, IA3Layer, get_adapter_model, load_config
+from raypeft.adapters import AdapterModel, IA3Config, IA3Layer, get_adapter_model, load_config
 
 peft = pytest.importorskip("peft")
 
@@ -240,7 +240,7 @@ def test_training_lowers_the_loss(llama):
 
 def test_quantized_base_scales_its_output_and_refuses_merge():
     pytest.importorskip("bitsandbytes")
-    from adapters.quantization import quantize_linear_layers
+    from raypeft.adapters.quantization import quantize_linear_layers
 
     torch.manual_seed(0)
     base = quantize_linear_layers(nn.Sequential(nn.Linear(64, 64)), 4)[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from adapters import (
+from raypeft.adapters import (
     AdaptedAttention,
     AdapterModel,
     AdaptionPromptConfig,

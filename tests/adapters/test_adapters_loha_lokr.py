@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters import AdapterModel, LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, get_adapter_model, load_config
-from adapters.lokr import factorization
+from raypeft.adapters import AdapterModel, LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, get_adapter_model, load_config
+from raypeft.adapters.lokr import factorization
 
 peft = pytest.importorskip("peft")
 
@@ -291,7 +291,7 @@ def test_training_lowers_the_loss(kind, llama):
 @pytest.mark.parametrize("config", [LoHaConfig(r=2, init_weights=False), LoKrConfig(r=2, init_weights=False)])
 def test_quantized_base_adds_the_update_and_refuses_merge(config):
     pytest.importorskip("bitsandbytes")
-    from adapters.quantization import quantize_linear_layers
+    from raypeft.adapters.quantization import quantize_linear_layers
 
     torch.manual_seed(0)
     base = quantize_linear_layers(nn.Sequential(nn.Linear(64, 64)), 4)[0]

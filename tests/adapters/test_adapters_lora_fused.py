@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-import adapters.lora as lora_mod
-from adapters.lora import Conv1D, LoraLinear
+import raypeft.adapters.lora as lora_mod
+from raypeft.adapters.lora import Conv1D, LoraLinear
 
 
 def _layer(base: nn.Module, dropout: float = 0.0, bias_trains: bool = False) -> LoraLinear:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters import LoraConfig, LoraEmbedding, LoraLinear
+from raypeft.adapters import LoraConfig, LoraEmbedding, LoraLinear
 
 
 def _wrap(module: nn.Module, **cfg) -> nn.Module:

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from adapters import (
+from raypeft.adapters import (
     AdaLoraConfig,
     AdaptionPromptConfig,
     BottleneckConfig,
@@ -19,7 +19,7 @@ from adapters import (
     PromptTuningConfig,
     get_adapter_model,
 )
-from adapters.lora import LoraLinear
+from raypeft.adapters.lora import LoraLinear
 
 TOL = 1e-5
 

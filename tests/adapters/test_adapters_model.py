@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from adapters import AdapterModel, LoraConfig, LoraLinear, get_adapter_model
+from raypeft.adapters import AdapterModel, LoraConfig, LoraLinear, get_adapter_model
 
 peft = pytest.importorskip("peft")
 

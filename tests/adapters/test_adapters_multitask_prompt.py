@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapters import AdapterModel, MultitaskPromptTuningConfig, get_adapter_model, load_config
+from raypeft.adapters import AdapterModel, MultitaskPromptTuningConfig, get_adapter_model, load_config
 
 peft = pytest.importorskip("peft")
 

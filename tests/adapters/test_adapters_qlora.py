@@ -29,8 +29,8 @@ transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
-from adapters import AdapterModel, LoraConfig, LoraLinear, get_adapter_model  # noqa: E402
-from adapters.quantization import (  # noqa: E402
+from raypeft.adapters import AdapterModel, LoraConfig, LoraLinear, get_adapter_model  # noqa: E402
+from raypeft.adapters.quantization import (  # noqa: E402
     dense_weight,
     prepare_model_for_kbit_training,
     quant_kind,
@@ -119,7 +119,7 @@ def test_adapters_import_and_lora_work_without_bitsandbytes():
     code = (
         "import sys; sys.modules['bitsandbytes'] = None\n"  # makes 'import bitsandbytes' fail
         "import torch, adapters\n"
-        "from adapters.quantization import bnb_available, quant_kind, quantize_linear_layers\n"
+        "from raypeft.adapters.quantization import bnb_available, quant_kind, quantize_linear_layers\n"
         "assert not bnb_available()\n"
         "lin = torch.nn.Linear(4, 4)\n"
         "assert quant_kind(lin) is None\n"

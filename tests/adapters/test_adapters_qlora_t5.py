@@ -16,8 +16,8 @@ from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
-from adapters import LoraConfig, get_adapter_model, prepare_model_for_kbit_training, quantize_linear_layers  # noqa: E402
-from adapters.quantization import is_quantized, keep_in_fp32_module_names  # noqa: E402
+from raypeft.adapters import LoraConfig, get_adapter_model, prepare_model_for_kbit_training, quantize_linear_layers  # noqa: E402
+from raypeft.adapters.quantization import is_quantized, keep_in_fp32_module_names  # noqa: E402
 
 
 def _t5():
@@ -85,8 +85,8 @@ def test_t5_qlora_with_fp32_norms_trains_and_generates() -> None:
 
 def test_pipeline_loads_a_4bit_t5_from_a_folder(tmp_path) -> None:
     """``model.quantization`` on a seq2seq base: transformers' loader + our k-bit preparation."""
-    from pipeline.config import parse_config
-    from pipeline.modeling import load_base_model
+    from raypeft.pipeline.config import parse_config
+    from raypeft.pipeline.modeling import load_base_model
 
     _t5().save_pretrained(tmp_path / "t5")
     cfg = parse_config({"model": {"name_or_path": str(tmp_path / "t5"), "task_type": "SEQ_2_SEQ_LM",

@@ -12,7 +12,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from adapters import (
+from raypeft.adapters import (
     AdapterModel,
     LoraConfig,
     PrefixTuningConfig,
@@ -21,7 +21,7 @@ from adapters import (
     get_adapter_model,
     load_config,
 )
-from adapters.virtual_tokens import cache_name
+from raypeft.adapters.virtual_tokens import cache_name
 
 peft = pytest.importorskip("peft")
 

@@ -217,7 +217,7 @@ def test_rayjob_runs_the_quickstart_on_the_raycluster_spec() -> None:
     # The overrides must pass raypeft's own config validation.
     overrides = [run[i + 1] for i, tok in enumerate(run) if tok == "--set"]
     assert any(o.startswith("output_dir=/shared/") for o in overrides)
-    from pipeline.config import load_config
+    from raypeft.pipeline.config import load_config
 
     cfg = load_config(REPO / run[2], overrides)
     assert cfg.tracking.artifact_location == "mlflow-artifacts:/raypeft"

@@ -16,7 +16,7 @@ import pytest
 import torch
 from ray import cloudpickle
 
-from pipeline.backends import fill_deepspeed_config, load_deepspeed_config, lr_lambda
+from raypeft.pipeline.backends import fill_deepspeed_config, load_deepspeed_config, lr_lambda
 
 REPO = Path(__file__).resolve().parents[2]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
@@ -49,10 +49,10 @@ def test_lr_schedule_shapes() -> None:
 def _loop(config: dict) -> None:
     import ray.train
 
-    from adapters import LoraConfig, get_adapter_model
-    from adapters.serialization import load_adapter_weights
-    from pipeline import engine
-    from pipeline.backends import build_backend, report_checkpoint
+    from raypeft.adapters import LoraConfig, get_adapter_model
+    from raypeft.adapters.serialization import load_adapter_weights
+    from raypeft.pipeline import engine
+    from raypeft.pipeline.backends import build_backend, report_checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ctx = ray.train.get_context()
@@ -103,7 +103,7 @@ def _fit(tmp: Path, name: str, ds: str | None, stop_at: int, resume=None):
 
 @pytest.fixture()
 def ray_local():
-    from pipeline.engine import init_ray
+    from raypeft.pipeline.engine import init_ray
 
     init_ray(num_cpus=2)
     yield
@@ -114,7 +114,7 @@ def ray_local():
 
 @pytest.mark.slow
 def test_zero3_offload_matches_torch_and_resumes(tmp_path: Path, ray_local) -> None:
-    from adapters.serialization import load_adapter_weights
+    from raypeft.adapters.serialization import load_adapter_weights
 
     zero3 = str(REPO / "configs" / "deepspeed" / "zero3_offload.json")
     plain = _fit(tmp_path, "plain", None, STEPS)

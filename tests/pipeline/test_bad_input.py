@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import engine
-from pipeline.cli import main
+from raypeft.pipeline import engine
+from raypeft.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -141,7 +141,7 @@ def _free_port() -> int:
 
 
 def _lora_adapter(base: torch.nn.Module, folder: Path, r: int = 4) -> None:
-    from adapters import LoraConfig, get_adapter_model
+    from raypeft.adapters import LoraConfig, get_adapter_model
 
     get_adapter_model(base, LoraConfig(r=r, target_modules=["q_proj", "v_proj"])).save_pretrained(str(folder))
 
@@ -153,8 +153,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.config import ModelSpec
-    from pipeline.modeling import load_base_model
+    from raypeft.pipeline.config import ModelSpec
+    from raypeft.pipeline.modeling import load_base_model
 
     d = tmp_path_factory.mktemp("bad-input")
     (d / "bad_syntax.yaml").write_text("name: x\nadapter:\n  r: [1, 2\nsft: {}\n")

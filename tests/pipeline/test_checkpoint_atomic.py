@@ -24,9 +24,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ray.train
-from adapters import LoraConfig, get_adapter_model
-from adapters.serialization import load_adapter_weights
-from pipeline import backends, checkpoint
+from raypeft.adapters import LoraConfig, get_adapter_model
+from raypeft.adapters.serialization import load_adapter_weights
+from raypeft.pipeline import backends, checkpoint
 
 
 class Crash(RuntimeError):
@@ -104,7 +104,7 @@ def test_torch_backend_crash_mid_save_reports_nothing_and_resume_uses_the_last_c
     assert len(fake_ray.registered) == 1  # the half checkpoint was never reported
     assert not list((tmp_path / "scratch").iterdir())  # nor left lying around
 
-    from pipeline.stages import common
+    from raypeft.pipeline.stages import common
 
     resumed = common.latest_checkpoint()
     fresh = _model(seed=1)
@@ -175,7 +175,7 @@ def _adapter_checkpoint(root: Path, seed: int) -> Path:
 
 
 def test_publishing_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.workflow import _publish_adapter
+    from raypeft.pipeline.workflow import _publish_adapter
 
     out = tmp_path / "run" / "sft" / "adapter"
     _publish_adapter(_Result(_adapter_checkpoint(tmp_path / "c1", seed=1)), out)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checks import probe_tracking
-from pipeline.config import parse_config
-from pipeline.tracking import TrackingError
+from raypeft.pipeline.checks import probe_tracking
+from raypeft.pipeline.config import parse_config
+from raypeft.pipeline.tracking import TrackingError
 
 
 def _free_port() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, apply_overrides, load_config, parse_config
+from raypeft.pipeline.config import ConfigError, apply_overrides, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -130,7 +130,7 @@ def test_shipped_configs_are_valid() -> None:
     ("ptuning", "PromptEncoderConfig", {"num_virtual_tokens": 4, "encoder_reparameterization_type": "LSTM"}),
 ])
 def test_virtual_token_methods_map_to_library_configs(method: str, config_class: str, fields: dict) -> None:
-    from pipeline.modeling import adapter_config
+    from raypeft.pipeline.modeling import adapter_config
 
     cfg = parse_config({"adapter": {"method": method, **fields}, "model": {"task_type": "SEQ_2_SEQ_LM"}})
     lib = adapter_config(cfg.adapter, cfg.model)
@@ -142,7 +142,7 @@ def test_virtual_token_methods_map_to_library_configs(method: str, config_class:
 
 
 def test_prompt_tuning_text_init_needs_text_and_uses_the_model_tokenizer() -> None:
-    from pipeline.modeling import adapter_config
+    from raypeft.pipeline.modeling import adapter_config
 
     cfg = parse_config({"model": {"name_or_path": "/models/m", "tokenizer": "/models/tok"},
                         "adapter": {"method": "prompt", "prompt_tuning_init": "TEXT",
@@ -157,7 +157,7 @@ def test_prompt_tuning_text_init_needs_text_and_uses_the_model_tokenizer() -> No
 def test_quantization_block_maps_to_bitsandbytes_config() -> None:
     import torch
 
-    from pipeline.modeling import quantization_config
+    from raypeft.pipeline.modeling import quantization_config
 
     cfg = parse_config({"model": {"quantization": {"bits": 4, "bnb_4bit_quant_type": "fp4",
                                                    "bnb_4bit_quant_storage": "bfloat16"}}})

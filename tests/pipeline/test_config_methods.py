@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config, parse_config
-from pipeline.modeling import adapter_config
+from raypeft.pipeline.config import ConfigError, load_config, parse_config
+from raypeft.pipeline.modeling import adapter_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,7 @@ def test_yaml_override_selects_each_method() -> None:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_fits_the_demo_model_before_ray_starts(method: str) -> None:
-    from pipeline.modeling import check_adapter_targets
+    from raypeft.pipeline.modeling import check_adapter_targets
 
     fields = METHODS[method][0]
     cfg = parse_config({"adapter": {"method": method, **fields}})
@@ -137,9 +137,9 @@ def _tiny_llama():
 
 
 def test_adalora_hooks_fill_total_step_regularise_and_allocate() -> None:
-    from adapters import get_adapter_model, orthogonal_regularization
-    from pipeline.adapter_hooks import AdaLoraHooks, adapter_hooks
-    from pipeline.modeling import adapter_config
+    from raypeft.adapters import get_adapter_model, orthogonal_regularization
+    from raypeft.pipeline.adapter_hooks import AdaLoraHooks, adapter_hooks
+    from raypeft.pipeline.modeling import adapter_config
 
     cfg = parse_config({"adapter": {"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2,
                                     "target_modules": ["q_proj", "v_proj"]}})
@@ -177,8 +177,8 @@ def test_adalora_hooks_fill_total_step_regularise_and_allocate() -> None:
 def test_task_ids_from_a_column_or_a_fixed_id() -> None:
     from datasets import Dataset
 
-    from adapters import LoraConfig, get_adapter_model
-    from pipeline.adapter_hooks import AdapterHooks, TaskIdHooks, adapter_hooks, row_task_ids
+    from raypeft.adapters import LoraConfig, get_adapter_model
+    from raypeft.pipeline.adapter_hooks import AdapterHooks, TaskIdHooks, adapter_hooks, row_task_ids
 
     rows = Dataset.from_dict({"dialogue": ["a", "b", "c"], "summary": ["x", "y", "z"], "task": [2, 0, 1]})
     column = parse_config({"adapter": {"method": "multitask_prompt", "num_virtual_tokens": 2, "num_tasks": 3},
@@ -201,7 +201,7 @@ def test_task_ids_from_a_column_or_a_fixed_id() -> None:
 
 
 def test_generate_responses_hands_each_batch_its_rows_inputs() -> None:
-    from pipeline.evaluation import generate_responses
+    from raypeft.pipeline.evaluation import generate_responses
 
     seen: list[list[int]] = []
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config, parse_config
-from pipeline.references import resolve_stage_inputs, stage_fields
+from raypeft.pipeline.config import ConfigError, load_config, parse_config
+from raypeft.pipeline.references import resolve_stage_inputs, stage_fields
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,7 +122,7 @@ def test_cli_single_stage_without_its_inputs_exits_2_before_ray(tmp_path: Path) 
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(REPO / "configs" / "quickstart.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "raypeft.cli", "run", str(REPO / "configs" / "quickstart.yaml"),
                            "--stage", "ppo", "--set", f"output_dir={tmp_path / 'out'}",
                            "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -20,7 +20,7 @@ from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.data import (
+from raypeft.pipeline.data import (
     IGNORE_INDEX,
     DataError,
     PairCollator,

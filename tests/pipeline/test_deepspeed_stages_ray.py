@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from adapters.serialization import load_adapter_weights
-from pipeline.config import load_config
-from pipeline.roles import VALUE_HEAD_FILE
+from raypeft.adapters.serialization import load_adapter_weights
+from raypeft.pipeline.config import load_config
+from raypeft.pipeline.roles import VALUE_HEAD_FILE
 
 pytest.importorskip("deepspeed")
 
@@ -45,7 +45,7 @@ def root(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _run(root: Path, name: str, overrides: list[str]):
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.workflow import run_workflow
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = load_config(REPO / "configs" / "quickstart.yaml", BASE + overrides + [

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.demo import DATA_FILES, DEMO_PROMPT_TEMPLATE, DemoSettings, ensure_demo_assets
-from pipeline.demo.corpus import generate_corpus
-from pipeline.demo.tokenizer import train_tokenizer
+from raypeft.pipeline.demo import DATA_FILES, DEMO_PROMPT_TEMPLATE, DemoSettings, ensure_demo_assets
+from raypeft.pipeline.demo.corpus import generate_corpus
+from raypeft.pipeline.demo.tokenizer import train_tokenizer
 
 MICRO = DemoSettings.micro()
 
@@ -92,7 +92,7 @@ def test_assets_are_built_once_cached_and_loadable(tmp_path: Path) -> None:
 
 
 def test_failed_build_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.demo.assets as assets_mod
+    import raypeft.pipeline.demo.assets as assets_mod
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")

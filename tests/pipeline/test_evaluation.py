@@ -7,10 +7,10 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from pipeline.demo import DemoSettings
-from pipeline.demo.corpus import generate_corpus
-from pipeline.demo.tokenizer import train_tokenizer
-from pipeline.evaluation import generate_responses, rouge_scores
+from raypeft.pipeline.demo import DemoSettings
+from raypeft.pipeline.demo.corpus import generate_corpus
+from raypeft.pipeline.demo.tokenizer import train_tokenizer
+from raypeft.pipeline.evaluation import generate_responses, rouge_scores
 
 
 def test_rouge_matches_rouge_score_with_stemming() -> None:

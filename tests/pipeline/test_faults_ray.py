@@ -18,7 +18,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.config import load_config
+from raypeft.pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
@@ -40,7 +40,7 @@ def _checkpoints(root: Path) -> list[Path]:
 @pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint_without_losing_or_doubling_steps(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.workflow import run_workflow
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

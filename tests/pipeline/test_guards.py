@@ -12,7 +12,7 @@ import pytest
 import ray.train
 import torch
 
-from pipeline import guards
+from raypeft.pipeline import guards
 
 
 @pytest.mark.parametrize("loss", [torch.tensor(1.5), 0.25, torch.tensor([0.1, 2.0])])
@@ -62,7 +62,7 @@ def test_non_finite_loss_survives_pickling() -> None:
     """Ray ships a worker's exception to the driver by pickle: the step and kind must come back."""
     import pickle
 
-    from pipeline.guards import NonFiniteLoss
+    from raypeft.pipeline.guards import NonFiniteLoss
 
     again = pickle.loads(pickle.dumps(NonFiniteLoss("sft", 7, "inf", "; last good checkpoint: x")))
     assert (again.stage, again.step, again.kind) == ("sft", 7, "inf")

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import torch
 import transformers
 
-from pipeline.backends import TorchBackend
-from pipeline.config import parse_config
-from pipeline.modeling import adapter_config
-from pipeline.roles import Roles
-from pipeline.stages import ppo
+from raypeft.pipeline.backends import TorchBackend
+from raypeft.pipeline.config import parse_config
+from raypeft.pipeline.modeling import adapter_config
+from raypeft.pipeline.roles import Roles
+from raypeft.pipeline.stages import ppo
 
 TARGET, PROMPT_LEN = 7, 5
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters import get_adapter_model
-from pipeline import cli, registry, tracking
-from pipeline.config import LoraSpec, ModelSpec, load_config
-from pipeline.evaluate_adapter import evaluate_adapter
-from pipeline.modeling import adapter_config, load_base_model
-from pipeline.roles import Roles
+from raypeft.adapters import get_adapter_model
+from raypeft import cli
+from raypeft.pipeline import registry, tracking
+from raypeft.pipeline.config import LoraSpec, ModelSpec, load_config
+from raypeft.pipeline.evaluate_adapter import evaluate_adapter
+from raypeft.pipeline.modeling import adapter_config, load_base_model
+from raypeft.pipeline.roles import Roles
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "regtest-sft"

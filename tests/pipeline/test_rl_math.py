@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.rl_math import (AdaptiveKLController, FixedKLController, bradley_terry_loss, clipped_policy_loss,
+from raypeft.pipeline.rl_math import (AdaptiveKLController, FixedKLController, bradley_terry_loss, clipped_policy_loss,
                               clipped_value_loss, dpo_loss, entropy_from_logits, gae, kl_penalised_rewards,
                               last_token_index, masked_mean, masked_var, masked_whiten, token_logprobs)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.config import load_config
-from pipeline.roles import VALUE_HEAD_FILE
+from raypeft.pipeline.config import load_config
+from raypeft.pipeline.roles import VALUE_HEAD_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def workflow(tmp_path_factory: pytest.TempPathFactory):
     """One 2-worker run of configs/quickstart.yaml (sft -> reward -> ppo), shared by the tests below."""
     import ray
 
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.workflow import run_workflow
 
     root = tmp_path_factory.mktemp("rlhf")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -113,7 +113,7 @@ def test_ppo_stage_metrics_roles_and_checkpoint(workflow) -> None:
 @pytest.mark.slow
 def test_single_stage_reuses_earlier_outputs(workflow) -> None:
     """``raypeft run --stage ppo``: inputs come from the folders the earlier run published."""
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.workflow import run_workflow
 
     cfg = workflow["cfg"].model_copy(update={"scaling": workflow["cfg"].scaling.model_copy(update={"num_workers": 1})})
     (again,) = run_workflow(cfg, ["ppo"], log=lambda _: None)
@@ -128,7 +128,7 @@ def test_single_stage_reuses_earlier_outputs(workflow) -> None:
 
 @pytest.mark.slow
 def test_dpo_stage_from_a_registry_uri(workflow) -> None:
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.workflow import run_workflow
 
     sft_version = workflow["outcomes"]["sft"].model_version
     cfg = load_config(REPO / "configs" / "quickstart-dpo.yaml", TINY + [
@@ -153,9 +153,9 @@ def test_dpo_stage_from_a_registry_uri(workflow) -> None:
 @pytest.mark.slow
 def test_ppo_resumes_from_a_checkpoint(workflow) -> None:
     """A PPO checkpoint (policy + critic + optimiser + KL state) restarts the loop where it stopped."""
-    from pipeline import engine, tracking
-    from pipeline.references import resolve_stage_inputs
-    from pipeline.stages.ppo import train_loop
+    from raypeft.pipeline import engine, tracking
+    from raypeft.pipeline.references import resolve_stage_inputs
+    from raypeft.pipeline.stages.ppo import train_loop
 
     cfg = workflow["cfg"].model_copy(update={"scaling": workflow["cfg"].scaling.model_copy(update={"num_workers": 1})})
     first = workflow["outcomes"]["ppo"]

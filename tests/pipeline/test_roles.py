@@ -11,11 +11,11 @@ import pytest
 import torch
 import transformers
 
-from pipeline import checkpoint
-from pipeline.config import parse_config
-from pipeline.modeling import adapter_config
-from pipeline.roles import VALUE_HEAD_FILE, Roles
-from pipeline.stages import dpo, ppo
+from raypeft.pipeline import checkpoint
+from raypeft.pipeline.config import parse_config
+from raypeft.pipeline.modeling import adapter_config
+from raypeft.pipeline.roles import VALUE_HEAD_FILE, Roles
+from raypeft.pipeline.stages import dpo, ppo
 
 VOCAB = 100
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapters import AdapterModel, LoraConfig, get_adapter_model
-from adapters.serialization import load_adapter_weights
-from pipeline import engine
-from pipeline.cli import main
-from pipeline.config import ModelSpec, load_config
-from pipeline.modeling import load_base_model
+from raypeft.adapters import AdapterModel, LoraConfig, get_adapter_model
+from raypeft.adapters.serialization import load_adapter_weights
+from raypeft.pipeline import engine
+from raypeft.cli import main
+from raypeft.pipeline.config import ModelSpec, load_config
+from raypeft.pipeline.modeling import load_base_model
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -71,7 +71,7 @@ def test_library_refuses_pickled_weights_unless_asked(pickled_adapter) -> None:
 
 def test_allowed_pickle_is_converted_to_safetensors_on_the_driver(pickled_adapter, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch, no_ray) -> None:
-    from pipeline.workflow import preflight
+    from raypeft.pipeline.workflow import preflight
 
     folder, weights = pickled_adapter
     monkeypatch.chdir(tmp_path)
@@ -117,7 +117,7 @@ def test_a_pickle_with_code_is_refused_even_when_pickles_are_allowed(pickled_ada
 def _custom_code_model(folder: Path, sentinel: Path) -> None:
     """A model folder whose config names its own Python classes (``auto_map``); importing the
     configuration module creates ``sentinel``, so the test can tell whether it ran."""
-    from pipeline.demo import ensure_demo_assets
+    from raypeft.pipeline.demo import ensure_demo_assets
 
     folder.mkdir()
     config = json.loads((ensure_demo_assets().model_dir / "config.json").read_text())
@@ -136,7 +136,7 @@ def _custom_code_model(folder: Path, sentinel: Path) -> None:
 
 def test_remote_code_runs_only_when_the_yaml_turns_it_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture, no_ray) -> None:
-    from pipeline.demo import ensure_demo_assets
+    from raypeft.pipeline.demo import ensure_demo_assets
 
     sentinel = tmp_path / "code-ran"
     model = tmp_path / "custom-model"
@@ -159,7 +159,7 @@ def test_remote_code_runs_only_when_the_yaml_turns_it_on(tmp_path: Path, monkeyp
 def test_every_transformers_loader_gets_the_yaml_value(trust: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers
 
-    from pipeline import modeling
+    from raypeft.pipeline import modeling
 
     seen: list[tuple[str, object]] = []
 

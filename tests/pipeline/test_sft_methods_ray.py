@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from adapters import AdapterModel
-from pipeline.config import load_config
-from pipeline.modeling import load_base_model
+from raypeft.adapters import AdapterModel
+from raypeft.pipeline.config import load_config
+from raypeft.pipeline.modeling import load_base_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def ray_session():
 ])
 def test_virtual_token_sft_trains_tracks_and_registers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_session,
                                                        method: str, peft_type: str, workers: int, extra: str) -> None:
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.workflow import run_workflow
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

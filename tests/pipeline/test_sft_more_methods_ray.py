@@ -11,9 +11,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from adapters import AdapterModel
-from pipeline.config import load_config
-from pipeline.modeling import load_base_model
+from raypeft.adapters import AdapterModel
+from raypeft.pipeline.config import load_config
+from raypeft.pipeline.modeling import load_base_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ def ray_session():
 
 def _task_files(folder: Path) -> list[str]:
     """The demo's SFT rows with a ``task`` column (row parity), as train and eval files."""
-    from pipeline.demo import ensure_demo_assets
+    from raypeft.pipeline.demo import ensure_demo_assets
 
     data = ensure_demo_assets().data_dir
     out = []
@@ -59,7 +59,7 @@ def _task_files(folder: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_more_methods_train_track_and_register(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_session) -> None:
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.workflow import run_workflow
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

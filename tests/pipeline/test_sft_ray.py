@@ -12,10 +12,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from adapters import AdapterModel
-from pipeline.config import load_config
-from pipeline.modeling import load_base_model
-from pipeline.tracking import resolve_adapter
+from raypeft.adapters import AdapterModel
+from raypeft.pipeline.config import load_config
+from raypeft.pipeline.modeling import load_base_model
+from raypeft.pipeline.tracking import resolve_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def ray_session():
 
 @pytest.mark.slow
 def test_sft_stage_trains_tracks_and_registers(workdir: Path, ray_session) -> None:
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.workflow import run_workflow
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     cfg = load_config(REPO / "configs" / "quickstart.yaml",
@@ -105,7 +105,7 @@ def test_sft_stage_trains_tracks_and_registers(workdir: Path, ray_session) -> No
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "raypeft.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -142,10 +142,10 @@ def test_sft_stage_trains_a_seq2seq_model_from_local_files(workdir: Path, ray_se
     """T5 (task_type SEQ_2_SEQ_LM) from a local folder, data from a local jsonl file, one worker."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from pipeline.demo import DemoSettings
-    from pipeline.demo.corpus import generate_corpus
-    from pipeline.demo.tokenizer import train_tokenizer
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.demo import DemoSettings
+    from raypeft.pipeline.demo.corpus import generate_corpus
+    from raypeft.pipeline.demo.tokenizer import train_tokenizer
+    from raypeft.pipeline.workflow import run_workflow
 
     corpus = generate_corpus(DemoSettings.micro())
     tok = train_tokenizer(corpus.raw_documents, 400)
@@ -181,7 +181,7 @@ def test_qlora_sft_on_a_4bit_demo_base(workdir: Path, ray_session) -> None:
     """QLoRA through the whole stage on CPU: bitsandbytes NF4 base, LoRA in fp32, one worker."""
     import bitsandbytes as bnb
 
-    from pipeline.workflow import run_workflow
+    from raypeft.pipeline.workflow import run_workflow
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     cfg = load_config(REPO / "configs" / "quickstart.yaml", SMALL + [

@@ -20,13 +20,13 @@ import torch.distributed as dist
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("deepspeed")
 
-from adapters import LoraConfig, prepare_model_for_kbit_training, quantize_linear_layers  # noqa: E402
-from adapters.quantization import is_quantized_param  # noqa: E402
-from adapters.serialization import load_adapter_weights  # noqa: E402
-from pipeline.backends import build_backend  # noqa: E402
-from pipeline.deepspeed_configs import resolve  # noqa: E402
-from pipeline.roles import VALUE_HEAD_FILE, Roles  # noqa: E402
-from pipeline.stages import common, ppo  # noqa: E402
+from raypeft.adapters import LoraConfig, prepare_model_for_kbit_training, quantize_linear_layers  # noqa: E402
+from raypeft.adapters.quantization import is_quantized_param  # noqa: E402
+from raypeft.adapters.serialization import load_adapter_weights  # noqa: E402
+from raypeft.pipeline.backends import build_backend  # noqa: E402
+from raypeft.pipeline.deepspeed_configs import resolve  # noqa: E402
+from raypeft.pipeline.roles import VALUE_HEAD_FILE, Roles  # noqa: E402
+from raypeft.pipeline.stages import common, ppo  # noqa: E402
 
 VOCAB, STEPS = 128, 3
 

@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline import engine
-from pipeline.backends import TorchBackend
-from pipeline.config import parse_config
-from pipeline.modeling import adapter_config
-from pipeline.resources import Throughput
-from pipeline.roles import Roles
-from pipeline.stages import common, ppo
+from raypeft.pipeline import engine
+from raypeft.pipeline.backends import TorchBackend
+from raypeft.pipeline.config import parse_config
+from raypeft.pipeline.modeling import adapter_config
+from raypeft.pipeline.resources import Throughput
+from raypeft.pipeline.roles import Roles
+from raypeft.pipeline.stages import common, ppo
 
 
 @pytest.fixture()

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import cli
-from tune.schema import SweepError, load_sweep, parse_sweep
-from tune.sweep import prepare
+from raypeft import cli
+from raypeft.tune.schema import SweepError, load_sweep, parse_sweep
+from raypeft.tune.sweep import prepare
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")

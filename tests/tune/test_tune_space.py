@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config, parse_config
-from tune.schema import SweepError, parse_sweep
-from tune.space import METHOD_KEY, POINT_KEY, SearchSpace, adapter_methods, describe
-from tune.trials import trial_data
+from raypeft.pipeline.config import load_config, parse_config
+from raypeft.tune.schema import SweepError, parse_sweep
+from raypeft.tune.space import METHOD_KEY, POINT_KEY, SearchSpace, adapter_methods, describe
+from raypeft.tune.trials import trial_data
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -202,7 +202,7 @@ def test_sweeping_methods_over_an_init_adapter_is_refused() -> None:
 
 def test_optuna_searcher_suggests_applicable_fields_and_waits_for_the_final_metric(base_cfg, tmp_path) -> None:
     pytest.importorskip("optuna")
-    from tune.optuna_search import FinalMetricOptunaSearch
+    from raypeft.tune.optuna_search import FinalMetricOptunaSearch
 
     space = _space({"adapter.method": {"choice": ["lora", "prompt"]},
                     "adapter.r": {"randint": [2, 9]},

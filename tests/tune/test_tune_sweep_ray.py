@@ -18,7 +18,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import cli, registry, tracking
+from raypeft import cli
+from raypeft.pipeline import registry, tracking
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,8 +49,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory):
         "max_concurrent_trials": 2,
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
     }))
-    from tune.schema import load_sweep
-    from tune.sweep import prepare, run_sweep
+    from raypeft.tune.schema import load_sweep
+    from raypeft.tune.sweep import prepare, run_sweep
 
     lines: list[str] = []
     loaded, base_items = load_sweep(path)

@@ -1,0 +1,157 @@
+"""The per-stage sections (``sft``, ``reward``, ``dpo``, ``ppo``): optimisation settings and
+the adapter inputs of each stage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from raypeft.pipeline.config.base import StrictModel, adapter_ref
+from raypeft.pipeline.config.data import PairDataSpec, PromptDataSpec
+
+
+class SFTSpec(StrictModel):
+    """Optimisation settings of the SFT stage (per worker batch size)."""
+
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0)
+
+
+
+class _PairStageSpec(StrictModel):
+    """Optimisation settings shared by the reward and DPO stages (``batch_size``: pairs per worker)."""
+
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0)
+    eval_every: int | None = Field(default=None, gt=0)
+    data: PairDataSpec = PairDataSpec()
+
+
+class RewardSpec(_PairStageSpec):
+    """Reward model: an adapter plus a scalar value head, Bradley-Terry loss on chosen/rejected.
+
+    ``init_from`` is the adapter it starts from (default: the SFT stage's output); null starts a
+    fresh adapter from the ``adapter`` block on the bare base. The value head always starts at zero.
+    """
+
+    init_from: str | None = "sft"
+
+    @field_validator("init_from")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        return adapter_ref(v)
+
+
+class DPOSpec(_PairStageSpec):
+    """Direct preference optimisation of the policy adapter against a frozen reference.
+
+    ``policy_init``: the adapter the policy starts from (default: the SFT output; null: a fresh
+    adapter). ``reference``: ``policy_init`` (a frozen copy of that adapter, or the bare base when
+    the policy starts fresh), ``base`` (all adapters disabled), or any adapter input.
+    """
+
+    policy_init: str | None = "sft"
+    reference: str = "policy_init"
+    beta: float = Field(default=0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    learning_rate: float = Field(default=5e-4, gt=0)
+
+    @field_validator("policy_init", "reference")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        return adapter_ref(v)
+
+
+class GenerationSpec(StrictModel):
+    """How PPO samples responses (``generate`` settings); log-probs use the same temperature."""
+
+    max_new_tokens: int = Field(default=48, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    top_k: int = Field(default=0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+
+class KLSpec(StrictModel):
+    """The per-token KL penalty to the reference: a fixed coefficient or an adaptive one.
+
+    Adaptive (Ziegler et al. 2019) moves ``coef`` so the sequence KL tracks ``target`` (nats),
+    at a speed set by ``horizon`` (in sampled sequences).
+    """
+
+    controller: Literal["fixed", "adaptive"] = "adaptive"
+    coef: float = Field(default=0.05, ge=0)
+    target: float = Field(default=6.0, gt=0)
+    horizon: int = Field(default=10000, gt=0)
+
+
+class PPOSpec(StrictModel):
+    """PPO of the policy adapter against the reward role, with a critic role for the values.
+
+    Each of ``max_steps`` steps samples ``rollout_batch_size`` prompts per worker, scores the
+    responses, then runs ``ppo_epochs`` passes over them in ``minibatches`` minibatches.
+    ``critic_init``: the adapter and value head the critic starts from (default: the reward
+    model's); null: a fresh adapter from the ``adapter`` block and a zero value head. The last
+    ``eval_prompts`` prompts are held out: the policy's mean reward and KL on them are measured
+    before training, every ``eval_every`` steps and after.
+    """
+
+    policy_init: str | None = "sft"
+    reference: str = "policy_init"
+    reward_adapter: str = "reward"
+    critic_init: str | None = "reward"
+    data: PromptDataSpec = PromptDataSpec()
+    max_steps: int = Field(default=20, gt=0)
+    rollout_batch_size: int = Field(default=16, gt=0)
+    minibatches: int = Field(default=2, gt=0)
+    ppo_epochs: int = Field(default=4, gt=0)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    generation: GenerationSpec = GenerationSpec()
+    kl: KLSpec = KLSpec()
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1)
+    cliprange: float = Field(default=0.2, gt=0)
+    cliprange_value: float = Field(default=0.2, gt=0)
+    vf_coef: float = Field(default=0.1, ge=0)
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = Field(default=None, ge=0)
+    eval_prompts: int = Field(default=64, ge=0)
+    eval_every: int | None = Field(default=None, gt=0)
+    log_every: int = Field(default=1, gt=0)
+    checkpoint_every: int = Field(default=10, gt=0)
+
+    @field_validator("policy_init", "reference", "reward_adapter", "critic_init")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        return adapter_ref(v)
+
+    @field_validator("minibatches")
+    @classmethod
+    def _minibatches_divide(cls, v: int, info) -> int:
+        batch = info.data.get("rollout_batch_size")
+        if batch is not None and batch % v:
+            raise ValueError(f"must divide ppo.rollout_batch_size ({batch})")
+        return v
+
