@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raypeft.pipeline.config import ConfigError, apply_overrides
+from raypeft.pipeline.config import ConfigError, StageName, apply_overrides
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 CONFIG_PREFIX = "config."  # ``--set config.sft.max_steps=5`` edits the base run config, not the sweep
@@ -127,7 +127,7 @@ class RegisterSpec(_Strict):
 class SweepConfig(_Strict):
     name: str = "sweep"
     base_config: str
-    stage: Literal["sft", "reward", "dpo", "ppo"] = "sft"
+    stage: StageName = "sft"
     overrides: list[str] = []
     search_space: dict[str, list[ParamSpec]] = Field(min_length=1)
     search_alg: Literal["grid", "random", "optuna"] = "grid"

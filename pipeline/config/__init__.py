@@ -29,13 +29,15 @@ from raypeft.pipeline.config.base import ConfigError
 from raypeft.pipeline.config.data import Columns, DataSpec, PairColumns, PairDataSpec, PromptDataSpec
 from raypeft.pipeline.config.loading import apply_overrides, load_config, parse_config
 from raypeft.pipeline.config.model import ModelSpec, QuantizationSpec
-from raypeft.pipeline.config.run import STAGES, EvalSpec, RunConfig, ScalingSpec, TrackingSpec
-from raypeft.pipeline.config.stages import DPOSpec, GenerationSpec, KLSpec, PPOSpec, RewardSpec, SFTSpec
+from raypeft.pipeline.config.run import STAGES, EvalSpec, RunConfig, ScalingSpec, StageName, TrackingSpec
+from raypeft.pipeline.config.stages import (DPOSpec, GenerationSpec, KLSpec, PPOSpec, RewardSpec, SFTSpec,
+                                             StageSection)
 
 __all__ = [
     "ADAPTER_SPECS", "STAGES", "AdaLoraSpec", "AdapterSpec", "AdaptionPromptSpec", "BottleneckSpec", "Columns",
     "ConfigError", "DPOSpec", "DataSpec", "EvalSpec", "GenerationSpec", "IA3Spec", "KLSpec", "LoHaSpec",
     "LoKrSpec", "LoraSpec", "ModelSpec", "MultitaskPromptSpec", "PPOSpec", "PTuningSpec", "PairColumns",
     "PairDataSpec", "PrefixSpec", "PromptDataSpec", "PromptSpec", "QuantizationSpec", "RewardSpec", "RunConfig",
-    "SFTSpec", "ScalingSpec", "TrackingSpec", "apply_overrides", "load_config", "parse_config",
+    "SFTSpec", "ScalingSpec", "StageName", "StageSection", "TrackingSpec", "apply_overrides", "load_config",
+    "parse_config",
 ]

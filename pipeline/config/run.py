@@ -14,13 +14,8 @@ from raypeft.pipeline.config.adapters import TASK_ID_STAGES, AdapterSpec, AdaLor
 from raypeft.pipeline.config.base import StrictModel
 from raypeft.pipeline.config.data import DataSpec
 from raypeft.pipeline.config.model import ModelSpec
-from raypeft.pipeline.config.stages import DPOSpec, PPOSpec, RewardSpec, SFTSpec
+from raypeft.pipeline.config.stages import DPOSpec, PPOSpec, RewardSpec, SFTSpec, StageSection
 from raypeft.pipeline.deepspeed_configs import resolve as resolve_deepspeed
-
-# Also the values an adapter-input field (``reward.init_from``, ``ppo.policy_init``, ...) may take
-# besides a folder or a ``models:/`` / ``runs:/`` URI: a stage name means that stage's published
-# adapter in this workflow (``<output_dir>/<name>/<stage>/adapter``).
-STAGES = ("sft", "reward", "dpo", "ppo")
 
 
 def check_adapter_setup(cfg: RunConfig) -> str | None:
@@ -83,7 +78,7 @@ class RunConfig(StrictModel):
     name: str = "raypeft"
     seed: int = 0
     output_dir: str = "outputs"
-    stages: list[Literal["sft", "reward", "dpo", "ppo"]] = Field(default=["sft"], min_length=1)
+    stages: list[StageName] = Field(default=["sft"], min_length=1)  # StageName: defined below the class
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     adapter: AdapterSpec = LoraSpec()
@@ -162,3 +157,17 @@ class RunConfig(StrictModel):
         """Where ``stage`` publishes its adapter; a stage-name adapter input resolves here."""
         return self.output_path() / stage / "adapter"
 
+
+def stage_sections(model: type[StrictModel]) -> tuple[str, ...]:
+    """Names of ``model``'s ``StageSection`` fields, in declaration order."""
+    return tuple(name for name, f in model.model_fields.items()
+                 if isinstance(f.annotation, type) and issubclass(f.annotation, StageSection))
+
+
+# The stages, in the order of their sections above: the one list of stage names. Also the values
+# an adapter-input field (``reward.init_from``, ``ppo.policy_init``, ...) may take besides a folder
+# or a ``models:/`` / ``runs:/`` URI: a stage name means that stage's published adapter in this
+# workflow (``<output_dir>/<name>/<stage>/adapter``). A new stage is a new section field.
+STAGES = stage_sections(RunConfig)
+StageName = Literal[STAGES]  # type: ignore[valid-type]  # built from the sections, so never a second list
+RunConfig.model_rebuild()  # resolves ``stages: list[StageName]``

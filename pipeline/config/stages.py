@@ -1,9 +1,14 @@
 """The per-stage sections (``sft``, ``reward``, ``dpo``, ``ppo``): optimisation settings and
-the adapter inputs of each stage."""
+the adapter inputs of each stage.
+
+Every section derives from ``StageSection``: a ``RunConfig`` field of such a type is what makes
+its name a stage (``pipeline.config.run.STAGES``), and the stage's definition
+(``pipeline.stages.registry``) must exist under that name.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -11,7 +16,24 @@ from raypeft.pipeline.config.base import StrictModel, adapter_ref
 from raypeft.pipeline.config.data import PairDataSpec, PromptDataSpec
 
 
-class SFTSpec(StrictModel):
+# What the training backend of every stage reads from the stage's section
+# (``pipeline.stages.common.make_backend``).
+BACKEND_FIELDS = ("learning_rate", "weight_decay", "warmup_steps", "lr_scheduler", "max_grad_norm")
+
+
+class StageSection(StrictModel):
+    """Base of every stage's section: one lacking a ``BACKEND_FIELDS`` field fails when its class
+    is defined, not later in a worker."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        missing = [f for f in BACKEND_FIELDS if f not in cls.model_fields]
+        if missing:
+            raise TypeError(f"{cls.__name__}: a stage section needs the fields {', '.join(missing)}")
+
+
+class SFTSpec(StageSection):
     """Optimisation settings of the SFT stage (per worker batch size)."""
 
     epochs: float = Field(default=1.0, gt=0)
@@ -27,8 +49,7 @@ class SFTSpec(StrictModel):
     checkpoint_every: int = Field(default=100, gt=0)
 
 
-
-class _PairStageSpec(StrictModel):
+class _PairStageSpec(StageSection):
     """Optimisation settings shared by the reward and DPO stages (``batch_size``: pairs per worker)."""
 
     epochs: float = Field(default=1.0, gt=0)
@@ -102,7 +123,7 @@ class KLSpec(StrictModel):
     horizon: int = Field(default=10000, gt=0)
 
 
-class PPOSpec(StrictModel):
+class PPOSpec(StageSection):
     """PPO of the policy adapter against the reward role, with a critic role for the values.
 
     Each of ``max_steps`` steps samples ``rollout_batch_size`` prompts per worker, scores the
