@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from raypeft.adapters import AdaLoraConfig, MultitaskPromptTuningConfig, orthogonal_regularization, update_and_allocate
@@ -64,8 +65,6 @@ def _worker_mean_grads(params: list[nn.Parameter]) -> dict[int, torch.Tensor]:
     the backend averages those itself in its step)."""
     grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
     if engine.distributed() and grads:
-        import torch.distributed as dist
-
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= dist.get_world_size()

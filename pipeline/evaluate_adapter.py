@@ -14,19 +14,18 @@ from pathlib import Path
 
 import torch
 
+from raypeft.adapters import AdapterModel
 from raypeft.pipeline import engine, tracking
 from raypeft.pipeline.config import ConfigError, RunConfig
+from raypeft.pipeline.data import PairCollator
+from raypeft.pipeline.inputs import pair_rows, sft_rows
+from raypeft.pipeline.modeling import load_base_model, load_tokenizer
+from raypeft.pipeline.roles import has_value_head
+from raypeft.pipeline.stages import common, pairs, reward
 
 
 def evaluate_adapter(cfg: RunConfig, ref: str, *, device: str | None = None) -> tuple[Path, dict[str, float]]:
     """``(local adapter folder, metrics)`` of ``ref`` on ``cfg``'s base model and held-out data."""
-    from raypeft.adapters import AdapterModel
-    from raypeft.pipeline.data import PairCollator
-    from raypeft.pipeline.inputs import pair_rows, sft_rows
-    from raypeft.pipeline.modeling import load_base_model, load_tokenizer
-    from raypeft.pipeline.roles import has_value_head
-    from raypeft.pipeline.stages import common, pairs, reward
-
     with tracking.quiet_mlflow():
         folder = tracking.resolve_adapter(ref, tracking_uri=cfg.tracking_uri())
     dev = torch.device(device or ("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"))
