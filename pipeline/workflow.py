@@ -1,12 +1,14 @@
 """The driver: runs a workflow's stages in order, each in Ray Train, each its own MLflow run.
 
 Order of work, chosen so that a bad input costs nothing: validate everything that can be
-checked without training (model, targets, data, adapter inputs, tracking store) before Ray
-starts; then one parent MLflow run for the workflow and a child run per stage. A stage's
-adapter is copied out of Ray's checkpoint into ``<output_dir>/<name>/<stage>/adapter``, logged as
-an artifact and registered as a model version. Later stages name their inputs in the YAML
-(``reward.init_from: sft``, ``ppo.reward_adapter: reward``, ...; see ``pipeline.references``),
-so a stage name resolves to that folder whether the stage ran just now or in an earlier run.
+checked without training (model, targets, data, adapter inputs, tracking store; see
+``pipeline.preflight``) before Ray starts; then one parent MLflow run for the workflow and a child
+run per stage, whose loop is the one its definition names (``pipeline.stages.registry``). A
+stage's adapter is copied out of Ray's checkpoint into ``<output_dir>/<name>/<stage>/adapter``,
+logged as an artifact and registered as a model version. Later stages name their inputs in the
+YAML (``reward.init_from: sft``, ``ppo.reward_adapter: reward``, ...; see
+``pipeline.adapter_inputs``), so a stage name resolves to that folder whether the stage ran just
+now or in an earlier run.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ from typing import Any, Callable
 
 import yaml
 
-from raypeft.pipeline import checks, deepspeed_configs, engine, tracking
+from raypeft.pipeline import deepspeed_configs, engine, tracking
 from raypeft.pipeline.checkpoint import ADAPTER_DIR
-from raypeft.pipeline.config import ConfigError, RunConfig
-from raypeft.pipeline.inputs import pair_rows, prompt_rows, sft_rows
-from raypeft.pipeline.modeling import check_adapter_targets, load_tokenizer
-from raypeft.pipeline.references import resolve_stage_inputs
+from raypeft.pipeline.config import RunConfig
+from raypeft.pipeline.preflight import ordered_stages, preflight
+from raypeft.pipeline.stages.registry import stage_named
 
 
 @dataclass
@@ -36,100 +37,6 @@ class StageOutcome:
     adapter_dir: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     model_version: int | None = None
-
-
-def _stage_loop(stage: str) -> Callable[[dict], None]:
-    if stage == "sft":
-        from raypeft.pipeline.stages.sft import train_loop
-    elif stage == "reward":
-        from raypeft.pipeline.stages.reward import train_loop
-    elif stage == "dpo":
-        from raypeft.pipeline.stages.dpo import train_loop
-    elif stage == "ppo":
-        from raypeft.pipeline.stages.ppo import train_loop
-    else:
-        raise ConfigError(f"stages: unknown stage '{stage}'")
-    return train_loop
-
-
-def _check_stage_data(cfg: RunConfig, stages: list[str], tokenizer: Any = None,
-                      warn: Callable[[str], None] = checks.warn_stderr) -> None:
-    """Load (and column-check) every stage's rows on the driver, so a bad source fails before Ray;
-    with ``tokenizer``, also refuse (``data.truncation: error``) or count rows over ``data.max_length``."""
-    if "sft" in stages or (cfg.eval.rouge and {"dpo", "ppo"} & set(stages)):
-        train, _ = sft_rows(cfg)
-        if tokenizer is not None and "sft" in stages:
-            checks.check_sft_lengths(cfg, train, tokenizer, warn)
-    for stage in ("reward", "dpo"):
-        if stage in stages:
-            train, _ = pair_rows(cfg, getattr(cfg, stage).data, f"{stage}.data")
-            if tokenizer is not None:
-                checks.check_pair_lengths(cfg, train, tokenizer, f"{stage}.data", warn)
-    if "ppo" in stages:
-        prompt_rows(cfg, cfg.ppo.data, "ppo.data")
-        if cfg.ppo.generation.max_new_tokens > cfg.data.max_length - 8:
-            raise ConfigError(f"ppo.generation.max_new_tokens: {cfg.ppo.generation.max_new_tokens} leaves no room "
-                              f"for a prompt within data.max_length={cfg.data.max_length}")
-
-
-def preflight(cfg: RunConfig, stages: list[str] | None = None,
-              warn: Callable[[str], None] = checks.warn_stderr) -> dict[str, dict[str, str | None]]:
-    """Check model, adapter targets, data, row lengths, the tracking store and adapter inputs on
-    the driver, in that order (the tracking store is touched only once everything local is fine).
-
-    Returns every stage's input adapters as local folders (``pipeline.references``; a pickled
-    adapter the YAML allows comes back as a converted safetensors copy). Raises ``ConfigError`` /
-    ``DataError`` / ``TrackingError`` with one line; nothing is written. ``warn`` gets warnings
-    such as the count of truncated rows.
-    """
-    with tracking.quiet_mlflow(), checks.quiet_progress():
-        return _preflight(cfg, _ordered(cfg, stages), warn)
-
-
-def _preflight(cfg: RunConfig, stages: list[str], warn: Callable[[str], None]) -> dict[str, dict[str, str | None]]:
-    rl = [s for s in stages if s != "sft"]
-    if rl and cfg.model.task_type != "CAUSAL_LM":
-        raise ConfigError(f"stages: the {rl[0]} stage needs a causal LM (model.task_type: CAUSAL_LM), "
-                          f"got {cfg.model.task_type}")
-    try:
-        tokenizer = load_tokenizer(cfg.model)
-        check_adapter_targets(cfg.adapter, cfg.model)
-    except ConfigError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise ConfigError(checks.model_load_error(cfg.model, exc)) from None
-    _check_stage_data(cfg, stages, tokenizer, warn)
-    _check_deepspeed(cfg, stages)
-    checks.probe_tracking(cfg.tracking_uri())
-    return checks.check_input_adapters(cfg, resolve_stage_inputs(cfg, stages), stages)
-
-
-def _check_deepspeed(cfg: RunConfig, stages: list[str]) -> None:
-    """A DeepSpeed config whose batch fields contradict a stage's batch fails here, not in every worker."""
-    ds = cfg.deepspeed_config()
-    if ds is None:
-        return
-    from raypeft.pipeline.backends import fill_deepspeed_config
-    from raypeft.pipeline.stages.common import stage_batch
-
-    for stage in stages:
-        micro, accum = stage_batch(cfg, stage)
-        try:
-            fill_deepspeed_config(ds, micro_batch_size=micro, grad_accum=accum, world_size=cfg.scaling.num_workers,
-                                  max_grad_norm=getattr(cfg, stage).max_grad_norm, dtype=cfg.model.dtype)
-        except ValueError as exc:
-            raise ConfigError(f"{exc} in stage {stage}") from None
-        ds = cfg.deepspeed_config()  # fresh for the next stage: filling writes into it
-
-
-def _ordered(cfg: RunConfig, stages: list[str] | None) -> list[str]:
-    """The stages to run, in the config's order (``--stage`` may name them in any order)."""
-    if not stages:
-        return list(cfg.stages)
-    unknown = [s for s in stages if s not in cfg.stages]
-    if unknown:
-        raise ConfigError(f"--stage {unknown[0]}: not a stage of this config (stages: {', '.join(cfg.stages)})")
-    return [s for s in cfg.stages if s in stages]
 
 
 def _registry_tags(cfg: RunConfig, adapter_dir: Path) -> dict[str, Any]:
@@ -203,7 +110,8 @@ def run_stage(cfg: RunConfig, stage: str, *, experiment_id: str, parent_run_id: 
             tracking.set_tags(run_id, {"raypeft.deepspeed_config": cfg.deepspeed})
         payload = {"config": resolved, "run_id": run_id, "tracking_uri": uri,
                    "init_adapter": inputs.get("init"), "inputs": inputs}
-        result = engine.fit(_stage_loop(stage), payload, cfg, run_name=f"{stage}-{run_id}", callbacks=callbacks)
+        result = engine.fit(stage_named(stage).train_loop, payload, cfg, run_name=f"{stage}-{run_id}",
+                            callbacks=callbacks)
         adapter_dir = _publish_adapter(result, cfg.stage_adapter_dir(stage))
         size = tracking.directory_size(adapter_dir)
         tracking.log_metrics(run_id, {"adapter_size_bytes": size}, step=int(result.metrics.get("step", 0)))
@@ -227,7 +135,7 @@ def run_stage(cfg: RunConfig, stage: str, *, experiment_id: str, parent_run_id: 
 def run_workflow(cfg: RunConfig, stages: list[str] | None = None,
                  log: Callable[[str], None] = print) -> list[StageOutcome]:
     """Run ``stages`` (default: the config's; always in the config's order) and return what each produced."""
-    stages = _ordered(cfg, stages)
+    stages = ordered_stages(cfg, stages)
     with tracking.quiet_mlflow():
         inputs = preflight(cfg, stages)  # before the tracking store or any folder is written to
         experiment_id = tracking.connect(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location())

@@ -22,10 +22,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
+from mlflow import MlflowClient
+from ray import tune
 from ray.tune import Callback
 
 from raypeft.pipeline import engine, tracking
+from raypeft.pipeline.adapter_inputs import stage_fields
 from raypeft.pipeline.config import STAGES, ConfigError, RunConfig, apply_overrides, load_config, parse_config
+from raypeft.pipeline.modeling import check_adapter_targets
+from raypeft.pipeline.preflight import preflight
 from raypeft.tune import searchers
 from raypeft.tune.callbacks import TRIAL_TAG
 from raypeft.tune.cleanup import OrphanedGroupReaper
@@ -89,8 +94,6 @@ def _attr(cfg: RunConfig, dotted: str) -> Any:
 def _pin_inputs(cfg: RunConfig, data: dict, stage: str, inputs: dict[str, str | None]) -> None:
     """Replace stage-name and registry inputs with the folders the driver resolved, so every
     trial (each with its own output folder) reads the same adapter without downloading it."""
-    from raypeft.pipeline.references import stage_fields
-
     for role, (field, _) in stage_fields(cfg, stage).items():
         raw = _attr(cfg, field)
         if isinstance(raw, str) and (raw in STAGES or tracking.is_registry_uri(raw)) and inputs.get(role):
@@ -100,8 +103,6 @@ def _pin_inputs(cfg: RunConfig, data: dict, stage: str, inputs: dict[str, str | 
 def _check_trials(prep: PreparedSweep, resources: dict | None) -> None:
     """Build every trial config the space can produce (ranges at both ends) and check adapter
     targets once per distinct adapter block; the first problem names the trial's values."""
-    from raypeft.pipeline.modeling import check_adapter_targets
-
     seen_keys: set[str] = set()
     adapters: dict[str, tuple[str, RunConfig]] = {}
     for assignment in prep.space.check_assignments():
@@ -197,8 +198,6 @@ def _release_ended_trials(reaper: OrphanedGroupReaper, seconds: int = 5) -> None
 
 
 def _tuner(prep: PreparedSweep, ctx: TrialContext, out_dir: Path, progress: "TrialProgress"):
-    from ray import tune
-
     sweep = prep.sweep
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), _trial_actor_resources(sweep))
     param_space = prep.space.tune_param_space(prep.points) if sweep.search_alg != "optuna" else {}
@@ -297,8 +296,6 @@ def _row(prep: PreparedSweep, trial_id: str, config: dict, status: str, error: s
 
 def _settle_runs(prep: PreparedSweep, results: Any, parent: str, experiment_id: str, out_dir: Path) -> list[TrialRow]:
     """One row per Tune trial, with its child run closed in the status the trial ended in."""
-    from mlflow import MlflowClient
-
     client = MlflowClient()
     children = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs(
         [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=5000)}
@@ -361,8 +358,6 @@ def run_sweep(prep: PreparedSweep, log: Callable[[str], None] = print) -> SweepO
     (out_dir / "base_config.yaml").write_text(yaml.safe_dump(prep.base_data, sort_keys=False))
     with tracking.quiet_mlflow():
         experiment_id = tracking.connect(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location())
-        from raypeft.pipeline.workflow import preflight
-
         inputs = preflight(cfg, [sweep.stage])[sweep.stage]
         _pin_inputs(cfg, prep.base_data, sweep.stage, inputs)
         engine.init_ray()

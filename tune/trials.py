@@ -15,8 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray.tune
+from mlflow import MlflowClient
+
 from raypeft.pipeline import tracking
+from raypeft.pipeline.adapter_inputs import resolve_stage_inputs
 from raypeft.pipeline.config import RunConfig, parse_config
+from raypeft.pipeline.workflow import run_stage
+from raypeft.tune.callbacks import TRIAL_TAG, StageReportsToTune
 from raypeft.tune.schema import SweepError
 from raypeft.tune.space import METHOD_KEY, SearchSpace, describe
 
@@ -100,13 +106,6 @@ def _fail_run(run_id: str, message: str) -> None:
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune trainable: resolve the trial's values, run the stage, report its metrics."""
-    import ray.tune
-    from mlflow import MlflowClient
-
-    from raypeft.pipeline.references import resolve_stage_inputs
-    from raypeft.pipeline.workflow import run_stage
-    from raypeft.tune.callbacks import TRIAL_TAG, StageReportsToTune
-
     trial_id = ray.tune.get_context().get_trial_id()
     params = ctx.space.resolve(config, ctx.points)
     cfg = trial_config(ctx, params, trial_id)

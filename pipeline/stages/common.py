@@ -20,9 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import ray.train
 import torch
 from torch import nn
 
+from raypeft.adapters.serialization import load_adapter_weights
 from raypeft.pipeline import engine
 from raypeft.pipeline.adapter_hooks import row_task_ids
 from raypeft.pipeline.backends import Backend, build_backend, pad_for_lockstep, report_checkpoint
@@ -30,6 +32,7 @@ from raypeft.pipeline.config import RunConfig
 from raypeft.pipeline.evaluation import generate_responses, rouge_scores
 from raypeft.pipeline.resources import Throughput, worker_memory
 from raypeft.pipeline.roles import Roles
+from raypeft.pipeline.stages.definition import BatchShape
 
 
 def epoch_batches(n_rows: int, batch_size: int, worker: engine.Worker, seed: int, epoch: int) -> list[list[int]]:
@@ -87,8 +90,6 @@ def held_out_rouge(model, tokenizer, rows, cfg: RunConfig, worker: engine.Worker
 
 def latest_checkpoint() -> Path | None:
     """The checkpoint Ray Train hands a restarted worker group, copied to a local folder."""
-    import ray.train
-
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
@@ -116,25 +117,18 @@ def base_device(cfg: RunConfig, worker: engine.Worker) -> torch.device:
     return worker.device
 
 
-def stage_batch(cfg: RunConfig, stage: str) -> tuple[int, int]:
-    """``(micro-batch rows per worker, micro-batches per optimiser step)`` of ``stage``: what
-    DeepSpeed's batch fields must agree with (checked on the driver before Ray starts)."""
-    if stage == "sft":
-        return cfg.sft.batch_size, cfg.sft.grad_accum
-    if stage == "ppo":
-        return cfg.ppo.rollout_batch_size // cfg.ppo.minibatches, 1
-    return getattr(cfg, stage).batch_size, 1
-
-
-def make_backend(cfg: RunConfig, model: nn.Module, worker: engine.Worker, stage: str, *, total_steps: int,
-                 warmup_steps: int | None = None, clip_groups: list[list[nn.Parameter]] | None = None) -> Backend:
+def make_backend(cfg: RunConfig, model: nn.Module, worker: engine.Worker, stage: str, batch: BatchShape, *,
+                 total_steps: int, warmup_steps: int | None = None,
+                 clip_groups: list[list[nn.Parameter]] | None = None) -> Backend:
     """The training backend the YAML asks for (``deepspeed:``), over the trainable parameters only.
 
-    Learning rate, weight decay, schedule and clipping come from the stage's block; a ``Roles``
-    model computes its role outputs through the backend's module from here on (one engine).
+    ``batch``: the stage's ``(micro-batch rows, micro-batches per step)`` (its ``Stage.batch``,
+    which the driver checked against the DeepSpeed config). Learning rate, weight decay,
+    schedule and clipping come from the stage's block; a ``Roles`` model computes its role
+    outputs through the backend's module from here on (one engine).
     """
     spec = getattr(cfg, stage)
-    micro, accum = stage_batch(cfg, stage)
+    micro, accum = batch
     backend = build_backend(
         model, deepspeed_config=cfg.deepspeed_config(), micro_batch_size=micro, grad_accum=accum,
         world_size=worker.world_size, lr=spec.learning_rate, weight_decay=spec.weight_decay,
@@ -157,8 +151,6 @@ def _adapter_io(model: nn.Module) -> tuple[Callable[[Path], None], Callable[[Pat
     if isinstance(model, Roles):
         return (lambda d: model.save_trainables(d.parent, d.name),
                 lambda d: model.load_trainables(d.parent, d.name))
-    from raypeft.adapters.serialization import load_adapter_weights
-
     name = getattr(model, "active_adapter", "default")
     return (lambda d: model.save_pretrained(str(d)),
             lambda d: model.load_adapter_state_dict(load_adapter_weights(d), name))

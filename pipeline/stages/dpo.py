@@ -23,16 +23,18 @@ import torch
 
 from raypeft.pipeline import engine, guards, tracking
 from raypeft.pipeline.backends import Backend
-from raypeft.pipeline.config import RunConfig
+from raypeft.pipeline.config import DPOSpec, RunConfig
 from raypeft.pipeline.data import IGNORE_INDEX, PairCollator, count_tokens, split_pairs
 from raypeft.pipeline.inputs import sft_rows
 from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
+from raypeft.pipeline.preflight_checks import Warn
 from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
 from raypeft.pipeline.rl_math import dpo_loss, token_logprobs
 from raypeft.pipeline.roles import Roles
 from raypeft.pipeline.stages import common, pairs
+from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
 
-STAGE = "dpo"
+NAME = "dpo"
 POLICY, REFERENCE = "policy", "reference"
 
 
@@ -113,7 +115,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     inputs = payload["inputs"]
     base = load_base_model(cfg.model, common.base_device(cfg, worker))
     roles = build_roles(cfg, base, inputs.get("policy"), inputs.get("reference"))
-    setup = pairs.prepare(cfg, STAGE, spec, roles, tokenizer, worker, payload)
+    setup = pairs.prepare(cfg, NAME, spec, roles, tokenizer, worker, payload)
     train_set, eval_set, collate, backend, state = (setup.train_set, setup.eval_set, setup.collate,
                                                     setup.backend, setup.state)
     steps_per_epoch, total = setup.steps_per_epoch, setup.total
@@ -139,7 +141,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
             losses, chosen, rejected, _, _ = pair_terms(roles, batch, spec.beta, spec.loss_type)
             loss = losses.mean()
-            guards.check_finite(loss, stage=STAGE, step=step + 1)
+            guards.check_finite(loss, stage=NAME, step=step + 1)
             backend.backward(loss)
             backend.step()
             margin = chosen - rejected
@@ -186,3 +188,24 @@ def train_loop(payload: dict[str, Any]) -> None:
     logger.log(final, step=step)
     logger.flush()
     common.report(worker, backend, {"step": step, "done": 1, **final}, roles, state)
+
+
+# ------------------------------------------------------------------------------- driver side
+
+def batch_shape(cfg: RunConfig) -> BatchShape:
+    return pairs.batch_shape(cfg.dpo)
+
+
+def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
+    """The SFT rows the policy's held-out ROUGE reads (with ``eval.rouge``), then the pairs."""
+    if cfg.eval.rouge:
+        sft_rows(cfg)
+    pairs.check_pair_data(cfg, NAME, cfg.dpo, tokenizer, warn)
+
+
+STAGE = Stage(
+    name=NAME, section=DPOSpec, train_loop=train_loop,
+    inputs=(AdapterInput(POLICY, "dpo.policy_init"), AdapterInput(REFERENCE, "dpo.reference", follows=POLICY)),
+    batch=batch_shape, check_data=check_data,
+    summary_metrics=("rouge", "eval_accuracy", "eval_margin", "eval_reward"),
+)

@@ -3,7 +3,8 @@
 Both read ``{prompt, chosen, rejected}`` rows, format them like SFT rows, shard the same epochs
 over the workers, wrap their roles in one Backend and resume from the same checkpoint layout;
 only the loss and the metrics differ. Keeping the setup here keeps the two stages' step
-accounting (and so their resume behaviour) identical.
+accounting (and so their resume behaviour) identical; their batch shape and driver-side data
+check are here for the same reason.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import PairColumns, RunConfig
 from raypeft.pipeline.data import PairCollator, tokenize_pairs
 from raypeft.pipeline.inputs import pair_rows
+from raypeft.pipeline.preflight_checks import Warn, report_truncation
 from raypeft.pipeline.roles import Roles
 from raypeft.pipeline.stages import common
+from raypeft.pipeline.stages.definition import BatchShape
 
 
 def tokenized_pairs(cfg: RunConfig, rows, tokenizer, columns: PairColumns):
@@ -25,6 +28,20 @@ def tokenized_pairs(cfg: RunConfig, rows, tokenizer, columns: PairColumns):
     return tokenize_pairs(rows, tokenizer, prompt_column=columns.prompt, chosen_column=columns.chosen,
                           rejected_column=columns.rejected, prompt_template=cfg.data.prompt_template,
                           max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+
+
+def batch_shape(spec: Any) -> BatchShape:
+    """``spec.batch_size`` pairs per worker, one optimiser step each."""
+    return spec.batch_size, 1
+
+
+def check_pair_data(cfg: RunConfig, stage: str, spec: Any, tokenizer: Any, warn: Warn) -> None:
+    """The stage's pairs and their columns (``<stage>.data``); pairs over ``data.max_length``
+    refused (``data.truncation: error``) or counted in a warning."""
+    field = f"{stage}.data"
+    train, _ = pair_rows(cfg, spec.data, field)
+    _, report = tokenized_pairs(cfg, train, tokenizer, spec.data.columns)
+    report_truncation(f"{field}.source", report.truncated, report.rows, cfg.data.max_length, warn)
 
 
 @dataclass
@@ -49,7 +66,7 @@ def prepare(cfg: RunConfig, stage: str, spec: Any, roles: Roles, tokenizer, work
     steps_per_epoch, total = common.total_steps(len(train_set), spec.batch_size, worker, epochs=spec.epochs,
                                                 max_steps=spec.max_steps, batch_field=f"{stage}.batch_size")
     n_train = common.count_parameters(roles.trainable_parameters())
-    backend = common.make_backend(cfg, roles, worker, stage, total_steps=total)
+    backend = common.make_backend(cfg, roles, worker, stage, batch_shape(spec), total_steps=total)
     state: dict[str, Any] = {"step": 0}
     resumed = common.resume_folder(payload)
     if resumed is not None:

@@ -8,12 +8,14 @@ all four; a role switch is an adapter switch.
 
 One step, on every worker:
 
-1. rollout: sample ``rollout_batch_size`` prompts (``data.prompt_template`` applied) and let the
-   policy ``generate`` a response (the YAML's sampling settings), cut after the first eos;
-2. score: re-pack ``prompt + response`` right-padded (the layout the reward model was trained
-   on) and compute, without gradients, the policy's and reference's log-probabilities of the
-   response tokens (logits divided by the sampling temperature), the critic's values, and the
-   reward model's score at the last token (minus ``missing_eos_penalty`` if no eos);
+1. rollout (``pipeline.rollout``): sample ``rollout_batch_size`` prompts (``data.prompt_template``
+   applied) and let the policy ``generate`` a response (the YAML's sampling settings), cut after
+   the first eos;
+2. score (``pipeline.rollout``): re-pack ``prompt + response`` right-padded (the layout the reward
+   model was trained on) and compute, without gradients, the policy's and reference's
+   log-probabilities of the response tokens (logits divided by the sampling temperature), the
+   critic's values, and the reward model's score at the last token (minus ``missing_eos_penalty``
+   if no eos, in step 3);
 3. per-token rewards ``-kl_coef * (log pi - log ref)`` with the score added on the last token
    (optionally whitened), GAE advantages and returns (advantages whitened by default);
 4. ``ppo_epochs`` passes over the rollout in ``minibatches`` minibatches: clipped policy loss
@@ -30,25 +32,26 @@ KL, response length, tokens/s and peak memory; ROUGE of greedy generations befor
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from raypeft.pipeline import engine, guards, tracking
+from raypeft.pipeline import engine, guards, rollout, tracking
 from raypeft.pipeline.backends import Backend
-from raypeft.pipeline.config import PPOSpec, RunConfig
+from raypeft.pipeline.config import ConfigError, PPOSpec, RunConfig
 from raypeft.pipeline.data import PromptCollator, tokenize_prompts
 from raypeft.pipeline.inputs import prompt_rows, sft_rows
 from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
+from raypeft.pipeline.preflight_checks import Warn
 from raypeft.pipeline.resources import Throughput, reset_gpu_peaks, worker_memory
 from raypeft.pipeline.rl_math import (AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss,
-                              entropy_from_logits, gae, kl_penalised_rewards, masked_mean, masked_whiten,
-                              token_logprobs)
+                                      gae, kl_penalised_rewards, masked_mean, masked_whiten)
 from raypeft.pipeline.roles import Roles, has_value_head
+from raypeft.pipeline.rollout import Rollout
 from raypeft.pipeline.stages import common
+from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
 
-STAGE = "ppo"
+NAME = "ppo"
 POLICY, REFERENCE, REWARD, CRITIC = "policy", "reference", "reward", "critic"
 
 
@@ -86,98 +89,13 @@ def kl_controller(spec: PPOSpec, coef: float | None = None):
 
 # ------------------------------------------------------------------------------- rollout
 
-@dataclass
-class Rollout:
-    """One batch of sampled responses, re-packed right-padded, with everything PPO needs.
-
-    ``input_ids``/``attention_mask``: ``[B, L]`` prompt + response; per-token tensors are
-    ``[B, T]`` in response order; ``index[b, t]`` is the position in ``logits[:, :-1]`` that
-    predicts response token ``t`` of row ``b`` (and where the critic's value for it is read).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    index: torch.Tensor
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    ended: torch.Tensor
-    logprobs: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    kl: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-
-    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v[idx] for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-
-
-def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generated: torch.Tensor, eos_id: int,
-         pad_id: int) -> Rollout:
-    """Re-pack left-padded prompts and their generated continuations as right-padded rows.
-
-    A response ends after its first ``eos_id`` (kept); a row that never emits one keeps all its
-    tokens and is marked not ``ended``.
-    """
-    rows, starts, lengths, ended = [], [], [], []
-    for p_ids, p_mask, gen in zip(prompt_ids.tolist(), prompt_mask.tolist(), generated.tolist()):
-        prompt = [t for t, m in zip(p_ids, p_mask) if m]
-        stop = gen.index(eos_id) + 1 if eos_id in gen else len(gen)
-        response = gen[:stop]
-        rows.append(prompt + response)
-        starts.append(len(prompt))
-        lengths.append(len(response))
-        ended.append(eos_id in gen)
-    width, steps = max(len(r) for r in rows), max(lengths)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    tokens = torch.full((len(rows), steps), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), steps), dtype=torch.long)
-    index = torch.zeros((len(rows), steps), dtype=torch.long)
-    for b, (row, start, n) in enumerate(zip(rows, starts, lengths)):
-        ids[b, :len(row)] = torch.tensor(row)
-        attn[b, :len(row)] = 1
-        tokens[b, :n] = torch.tensor(row[start:start + n])
-        mask[b, :n] = 1
-        index[b, :n] = torch.arange(start - 1, start - 1 + n)
-    return Rollout(ids, attn, index, tokens, mask, torch.tensor(ended))
-
-
-def _gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[b, index[b, t], ...]`` for ``x`` of shape ``[B, L, ...]``."""
-    if x.dim() == 2:
-        return torch.gather(x, 1, index)
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def _response_logprobs(logits: torch.Tensor, rows: dict[str, torch.Tensor], temperature: float,
-                       with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    picked = _gather_positions(logits[:, :-1], rows["index"]) / temperature
-    logp = token_logprobs(picked, rows["tokens"])
-    return logp, (entropy_from_logits(picked) if with_entropy else None)
-
-
-def policy_terms(roles: Roles, role: str, rows: dict[str, torch.Tensor], temperature: float,
-                 with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities (and entropies) of the response tokens under ``role``, ``[B, T]``."""
-    logits = roles.logits(role, rows["input_ids"], rows["attention_mask"])
-    return _response_logprobs(logits, rows, temperature, with_entropy)
-
-
-def critic_values(roles: Roles, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-    values = roles.values(CRITIC, rows["input_ids"], rows["attention_mask"])[:, :-1]
-    return _gather_positions(values, rows["index"])
-
-
 def policy_and_critic(roles: Roles, rows: dict[str, torch.Tensor],
                       temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probabilities and entropies and critic values of the response tokens from one
     call of the roles' entry: under DeepSpeed the loss built from both is one engine forward."""
     logits, values = roles.run(rows["input_ids"], rows["attention_mask"], ("logits", POLICY), ("values", CRITIC))
-    logp, entropy = _response_logprobs(logits, rows, temperature, with_entropy=True)
-    return logp, entropy, _gather_positions(values[:, :-1], rows["index"])
+    logp, entropy = rollout.response_logprobs(logits, rows, temperature, with_entropy=True)
+    return logp, entropy, rollout.gather_positions(values[:, :-1], rows["index"])
 
 
 @torch.no_grad()
@@ -187,29 +105,9 @@ def make_rollout(roles: Roles, prompts: dict[str, torch.Tensor], spec: PPOSpec, 
 
     ``generate_kwargs``: the backend's (``synced_gpus`` under multi-worker ZeRO-3).
     """
-    g = spec.generation
-    with roles.use(POLICY) as model:
-        out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
-                             do_sample=True, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                             top_k=g.top_k, top_p=g.top_p, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **(generate_kwargs or {}))
-    generated = out[:, prompts["input_ids"].shape[1]:].cpu()
-    device = prompts["input_ids"].device
-    ro = pack(prompts["input_ids"].cpu(), prompts["attention_mask"].cpu(), generated, tokenizer.eos_token_id,
-              tokenizer.pad_token_id)
-    for name in ("input_ids", "attention_mask", "index", "tokens", "mask", "ended"):
-        setattr(ro, name, getattr(ro, name).to(device))
-    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
-    for start in range(0, ro.input_ids.shape[0], chunk):
-        rows = ro.rows(torch.arange(start, min(start + chunk, ro.input_ids.shape[0]), device=device))
-        parts["logprobs"].append(policy_terms(roles, POLICY, rows, g.temperature)[0])
-        parts["ref_logprobs"].append(policy_terms(roles, REFERENCE, rows, g.temperature)[0])
-        parts["values"].append(critic_values(roles, rows))
-        parts["scores"].append(roles.scores(REWARD, rows["input_ids"], rows["attention_mask"]))
-    for name, chunks in parts.items():
-        setattr(ro, name, torch.cat(chunks))
-    mask = ro.mask.float()
-    ro.logprobs, ro.ref_logprobs, ro.values = ro.logprobs * mask, ro.ref_logprobs * mask, ro.values * mask
+    ro = rollout.sample(roles, POLICY, prompts, spec.generation, tokenizer, generate_kwargs)
+    rollout.score(roles, ro, chunk=chunk, temperature=spec.generation.temperature, policy=POLICY,
+                  reference=REFERENCE, reward=REWARD, critic=CRITIC)
     return ro
 
 
@@ -244,7 +142,7 @@ def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, backend: Backend,
             pol = clipped_policy_loss(logp, rows["logprobs"], rows["advantages"], rows["mask"], spec.cliprange)
             v_loss, v_clip = clipped_value_loss(values, rows["values"], rows["returns"], rows["mask"],
                                                 spec.cliprange_value)
-            guards.check_finite(pol.loss + spec.vf_coef * v_loss, stage=STAGE, step=step)
+            guards.check_finite(pol.loss + spec.vf_coef * v_loss, stage=NAME, step=step)
             backend.backward(pol.loss + spec.vf_coef * v_loss)
             backend.step()
             for key, value in (("policy_loss", pol.loss.detach()), ("value_loss", v_loss.detach()),
@@ -324,7 +222,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     # PyTorch each role is clipped on its own: the critic's early, large value errors must not
     # shrink the policy's step (DeepSpeed clips the global norm).
     updates = spec.ppo_epochs * spec.minibatches
-    backend = common.make_backend(cfg, roles, worker, STAGE, total_steps=total * updates,
+    backend = common.make_backend(cfg, roles, worker, NAME, batch_shape(cfg), total_steps=total * updates,
                                   warmup_steps=spec.warmup_steps * updates,
                                   clip_groups=[roles.trainable_parameters(POLICY), roles.trainable_parameters(CRITIC)])
     generate_kwargs = backend.generate_kwargs()
@@ -410,3 +308,29 @@ def train_loop(payload: dict[str, Any]) -> None:
     logger.log(final, step=step)
     logger.flush()
     common.report(worker, backend, {"step": step, "done": 1, **final}, roles, state)
+
+
+# ------------------------------------------------------------------------------- driver side
+
+def batch_shape(cfg: RunConfig) -> BatchShape:
+    """One optimiser step per minibatch of the rollout batch."""
+    return cfg.ppo.rollout_batch_size // cfg.ppo.minibatches, 1
+
+
+def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
+    """The SFT rows held-out ROUGE reads (with ``eval.rouge``), the prompts, and room for a prompt
+    beside the longest response within ``data.max_length``."""
+    if cfg.eval.rouge:
+        sft_rows(cfg)
+    prompt_rows(cfg, cfg.ppo.data, "ppo.data")
+    if cfg.ppo.generation.max_new_tokens > cfg.data.max_length - 8:
+        raise ConfigError(f"ppo.generation.max_new_tokens: {cfg.ppo.generation.max_new_tokens} leaves no room "
+                          f"for a prompt within data.max_length={cfg.data.max_length}")
+
+
+STAGE = Stage(
+    name=NAME, section=PPOSpec, train_loop=train_loop,
+    inputs=(AdapterInput(POLICY, "ppo.policy_init"), AdapterInput(REFERENCE, "ppo.reference", follows=POLICY),
+            AdapterInput(REWARD, "ppo.reward_adapter", reward_model=True), AdapterInput(CRITIC, "ppo.critic_init")),
+    batch=batch_shape, check_data=check_data, summary_metrics=("rouge", "eval_reward", "eval_kl"),
+)

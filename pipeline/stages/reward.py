@@ -19,15 +19,17 @@ import torch
 
 from raypeft.pipeline import engine, guards, tracking
 from raypeft.pipeline.backends import Backend
-from raypeft.pipeline.config import RunConfig
+from raypeft.pipeline.config import RewardSpec, RunConfig
 from raypeft.pipeline.data import PairCollator, count_tokens, split_pairs
 from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
+from raypeft.pipeline.preflight_checks import Warn
 from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
 from raypeft.pipeline.rl_math import bradley_terry_loss
 from raypeft.pipeline.roles import Roles, has_value_head
 from raypeft.pipeline.stages import common, pairs
+from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
 
-STAGE = "reward"
+NAME = "reward"
 ROLE = "reward"
 
 
@@ -79,7 +81,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(cfg.model)
     base = load_base_model(cfg.model, common.base_device(cfg, worker))
     roles = build_roles(cfg, base, payload["inputs"].get("init"))
-    setup = pairs.prepare(cfg, STAGE, spec, roles, tokenizer, worker, payload)
+    setup = pairs.prepare(cfg, NAME, spec, roles, tokenizer, worker, payload)
     train_set, eval_set, collate, backend, state = (setup.train_set, setup.eval_set, setup.collate,
                                                     setup.backend, setup.state)
     steps_per_epoch, total = setup.steps_per_epoch, setup.total
@@ -100,7 +102,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
             chosen, rejected = pair_scores(roles, batch)
             loss = bradley_terry_loss(chosen, rejected)
-            guards.check_finite(loss, stage=STAGE, step=step + 1)
+            guards.check_finite(loss, stage=NAME, step=step + 1)
             backend.backward(loss)
             backend.step()
             margin = (chosen - rejected).detach()
@@ -139,3 +141,19 @@ def train_loop(payload: dict[str, Any]) -> None:
     logger.log(final, step=step)
     logger.flush()
     common.report(worker, backend, {"step": step, "done": 1, **final}, roles, state)
+
+
+# ------------------------------------------------------------------------------- driver side
+
+def batch_shape(cfg: RunConfig) -> BatchShape:
+    return pairs.batch_shape(cfg.reward)
+
+
+def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
+    pairs.check_pair_data(cfg, NAME, cfg.reward, tokenizer, warn)
+
+
+STAGE = Stage(
+    name=NAME, section=RewardSpec, train_loop=train_loop, inputs=(AdapterInput("init", "reward.init_from"),),
+    batch=batch_shape, check_data=check_data, summary_metrics=("eval_accuracy", "eval_margin"),
+)

@@ -15,15 +15,26 @@ import time
 from typing import Any
 
 from raypeft.pipeline import engine, guards, tracking
-from raypeft.pipeline.config import RunConfig
+from raypeft.pipeline.adapter_hooks import adapter_hooks
+from raypeft.pipeline.config import RunConfig, SFTSpec
 from raypeft.pipeline.data import SFTCollator, count_tokens, tokenize_sft
 from raypeft.pipeline.inputs import sft_rows
 from raypeft.pipeline.modeling import attach_adapter, load_base_model, load_tokenizer
+from raypeft.pipeline.preflight_checks import Warn, report_truncation
 from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
-from raypeft.pipeline.adapter_hooks import adapter_hooks
 from raypeft.pipeline.stages import common
+from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
 
-STAGE = "sft"
+NAME = "sft"
+
+
+def tokenized_sft(cfg: RunConfig, rows: Any, tokenizer: Any):
+    """``(tokenized rows, truncation report)`` of SFT rows, with the ``data`` block's settings:
+    the same on the driver (row-length check) as in the workers."""
+    return tokenize_sft(rows, tokenizer, prompt_column=cfg.data.columns.prompt,
+                        response_column=cfg.data.columns.response, prompt_template=cfg.data.prompt_template,
+                        max_length=cfg.data.max_length, is_seq2seq=cfg.model.task_type == "SEQ_2_SEQ_LM",
+                        truncation=cfg.data.truncation)
 
 
 def train_loop(payload: dict[str, Any]) -> None:
@@ -36,11 +47,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     model = attach_adapter(load_base_model(cfg.model, common.base_device(cfg, worker)), cfg.adapter, cfg.model,
                            init_dir=payload.get("init_adapter"))
     train_rows, held_out = sft_rows(cfg)
-    train_set, truncation = tokenize_sft(
-        train_rows, tokenizer, prompt_column=cfg.data.columns.prompt, response_column=cfg.data.columns.response,
-        prompt_template=cfg.data.prompt_template, max_length=cfg.data.max_length,
-        is_seq2seq=cfg.model.task_type == "SEQ_2_SEQ_LM", truncation=cfg.data.truncation,
-    )
+    train_set, truncation = tokenized_sft(cfg, train_rows, tokenizer)
     collate = SFTCollator(pad_token_id=tokenizer.pad_token_id)
 
     s = cfg.sft
@@ -53,7 +60,7 @@ def train_loop(payload: dict[str, Any]) -> None:
 
     # Counted before the backend exists: ZeRO-3 partitions every tensor when it takes the model.
     n_train, n_total = model.get_nb_trainable_parameters()
-    backend = common.make_backend(cfg, model, worker, STAGE, total_steps=total_steps)
+    backend = common.make_backend(cfg, model, worker, NAME, batch_shape(cfg), total_steps=total_steps)
     hooks = adapter_hooks(model, cfg, total_steps=total_steps, train_rows=train_rows)  # AdaLoRA, task ids
 
     state: dict[str, Any] = {"step": 0}
@@ -82,7 +89,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             for ids in group:
                 batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
                 loss = (backend.module(**batch, **hooks.inputs(ids)).loss + hooks.loss_extra()) / len(group)
-                guards.check_finite(loss, stage=STAGE, step=step + 1)
+                guards.check_finite(loss, stage=NAME, step=step + 1)
                 backend.backward(loss)
                 loss_window.append(loss.item() * len(group))
                 throughput.add(count_tokens(batch))
@@ -116,3 +123,23 @@ def train_loop(payload: dict[str, Any]) -> None:
     logger.log(final, step=step)
     logger.flush()
     common.report(worker, backend, {"step": step, "done": 1, **final}, model, state)
+
+
+# ------------------------------------------------------------------------------- driver side
+
+def batch_shape(cfg: RunConfig) -> BatchShape:
+    return cfg.sft.batch_size, cfg.sft.grad_accum
+
+
+def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
+    """The SFT rows and their columns; rows over ``data.max_length`` refused (``data.truncation:
+    error``) or counted in a warning."""
+    train, _ = sft_rows(cfg)
+    _, report = tokenized_sft(cfg, train, tokenizer)
+    report_truncation("data.source", report.truncated, report.rows, cfg.data.max_length, warn)
+
+
+STAGE = Stage(
+    name=NAME, section=SFTSpec, train_loop=train_loop, inputs=(AdapterInput("init", "adapter.init_from"),),
+    batch=batch_shape, check_data=check_data, summary_metrics=("rouge",), causal_lm_only=False,
+)

@@ -15,8 +15,10 @@ from raypeft.pipeline import registry
 from raypeft.pipeline.config import ConfigError, RunConfig, load_config
 from raypeft.pipeline.data import DataError
 from raypeft.pipeline.evaluate_adapter import evaluate_adapter
+from raypeft.pipeline.preflight import preflight
+from raypeft.pipeline.stages.registry import stage_named
 from raypeft.pipeline.tracking import TrackingError
-from raypeft.pipeline.workflow import StageOutcome, preflight, run_workflow
+from raypeft.pipeline.workflow import StageOutcome, run_workflow
 from raypeft.tune.schema import load_sweep
 from raypeft.tune.sweep import prepare, run_sweep
 
@@ -78,11 +80,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _summary(outcome: StageOutcome) -> dict[str, float]:
-    """The metrics worth a line on the terminal (the rest are in MLflow)."""
-    return {k: round(v, 4) for k, v in outcome.metrics.items()
-            if isinstance(v, (int, float)) and "/rank" not in k
-            and ("rouge" in k or k.startswith(("eval_accuracy", "eval_margin", "eval_reward", "eval_kl"))
-                 or k in ("train_seconds", "tokens_per_s"))}
+    """The metrics worth a line on the terminal, as the stage's definition names them (the rest
+    are in MLflow)."""
+    return {k: round(v, 4) for k, v in stage_named(outcome.stage).summary(outcome.metrics).items()}
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raypeft.pipeline.adapter_inputs import resolve_stage_inputs, stage_fields
 from raypeft.pipeline.config import ConfigError, load_config, parse_config
-from raypeft.pipeline.references import resolve_stage_inputs, stage_fields
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -79,8 +79,8 @@ def test_yaml_key_and_override(tmp_path: Path) -> None:
 
 
 def test_batch_fields_that_contradict_a_stage_fail_before_ray() -> None:
-    from raypeft.pipeline.stages.common import stage_batch
-    from raypeft.pipeline.workflow import _check_deepspeed
+    from raypeft.pipeline.preflight import _check_deepspeed
+    from raypeft.pipeline.stages.registry import stage_batch
 
     cfg = parse_config({"stages": ["sft", "ppo"], "sft": {"batch_size": 4, "grad_accum": 2},
                         "ppo": {"rollout_batch_size": 8, "minibatches": 2}, "scaling": {"num_workers": 2},

@@ -154,7 +154,7 @@ def test_dpo_stage_from_a_registry_uri(workflow) -> None:
 def test_ppo_resumes_from_a_checkpoint(workflow) -> None:
     """A PPO checkpoint (policy + critic + optimiser + KL state) restarts the loop where it stopped."""
     from raypeft.pipeline import engine, tracking
-    from raypeft.pipeline.references import resolve_stage_inputs
+    from raypeft.pipeline.adapter_inputs import resolve_stage_inputs
     from raypeft.pipeline.stages.ppo import train_loop
 
     cfg = workflow["cfg"].model_copy(update={"scaling": workflow["cfg"].scaling.model_copy(update={"num_workers": 1})})

@@ -1,4 +1,4 @@
-"""Driver-side checks of ``pipeline.checks``: the tracking probe and the artifact-location rule."""
+"""Driver-side checks of ``pipeline.preflight_checks``: the tracking probe and the artifact-location rule."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from raypeft.pipeline.checks import probe_tracking
+from raypeft.pipeline.preflight_checks import probe_tracking
 from raypeft.pipeline.config import parse_config
 from raypeft.pipeline.tracking import TrackingError
 
