@@ -33,10 +33,12 @@ from raypeft.pipeline.rl_math.group_advantages import (
     rloo_advantages,
 )
 from raypeft.pipeline.rl_math.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, KLPenalty, kl_k1, kl_k3
-from raypeft.pipeline.rl_math.ppo import PolicyLossOut, clipped_policy_loss, clipped_value_loss, gae, kl_penalised_rewards
+from raypeft.pipeline.rl_math.ppo import (PolicyLossOut, clipped_policy_loss, clipped_value_loss, gae,
+                                          kl_penalised_rewards)
 from raypeft.pipeline.rl_math.preference import DPO_LOSSES, bradley_terry_loss, dpo_loss
 from raypeft.pipeline.rl_math.masked import masked_mean, masked_var, masked_whiten
-from raypeft.pipeline.rl_math.surrogate import LOSS_NORMALISATIONS, SurrogateOut, aggregate_token_loss, clipped_surrogate_loss
+from raypeft.pipeline.rl_math.surrogate import (LOSS_NORMALISATIONS, SurrogateOut, aggregate_token_loss,
+                                                clipped_surrogate_loss)
 from raypeft.pipeline.rl_math.tokens import entropy_from_logits, last_token_index, token_logprobs
 
 __all__ = [

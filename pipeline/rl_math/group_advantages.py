@@ -22,7 +22,7 @@ These are sequence-level advantages ``[N]``; a loss broadcasts them over a row's
 
 REINFORCE++ (Hu 2025) has no group: per-token rewards ``-beta * KL_t`` plus the score on the last
 token, the return ``G_t = sum_{s >= t} gamma^(s-t) r_s``, whitened over every response token of
-the batch (``(G_t - mean) / (std + eps)``, population std, as OpenRLHF does). With
+the batch (``(G_t - mean) / (std + eps)``, population std, as in OpenRLHF's batch normalisation). With
 ``num_generations`` the group mean is subtracted from the scores first (REINFORCE++-baseline).
 """
 

@@ -47,7 +47,8 @@ class KLPenalty:
         if self.coef < 0:
             raise ValueError(f"kl.coef: must be >= 0, got {self.coef}")
         if self.estimator not in _ESTIMATORS:
-            raise ValueError(f"kl.estimator: unknown estimator {self.estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
+            raise ValueError(f"kl.estimator: unknown estimator {self.estimator!r}; "
+                             f"expected one of {', '.join(KL_ESTIMATORS)}")
 
     @property
     def needs_reference(self) -> bool:

@@ -42,7 +42,8 @@ def aggregate_token_loss(per_token: torch.Tensor, mask: torch.Tensor, normalisat
         return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
     if normalisation == "constant":
         if max_length is None or max_length <= 0:
-            raise ValueError(f"loss normalisation 'constant' needs max_length > 0 (the generation budget), got {max_length}")
+            raise ValueError("loss normalisation 'constant' needs max_length > 0 (the generation budget), "
+                             f"got {max_length}")
         return (per_token * mask).sum() / (per_token.shape[0] * max_length)
     raise ValueError(f"unknown loss normalisation {normalisation!r}; expected one of {', '.join(LOSS_NORMALISATIONS)}")
 
