@@ -24,7 +24,6 @@ from .llama_adapter import AdaptedAttention, AdaptionPromptConfig
 from .loha import LoHaConfig, LoHaLayer
 from .lokr import LoKrConfig, LoKrLayer
 from .lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
-from .mixed_batch import BASE_ADAPTER
 from .model import AdapterModel, get_adapter_model
 from .modules_to_save import ModulesToSaveWrapper
 from .multitask_prompt_tuning import MultitaskPromptEmbedding, MultitaskPromptTuningConfig
@@ -32,6 +31,7 @@ from .p_tuning import PromptEncoder, PromptEncoderConfig
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .quantization import prepare_model_for_kbit_training, quantize_linear_layers
+from .routing import BASE_ADAPTER
 from .serialization import LoadResult
 from .virtual_tokens import PromptLearningConfig
 

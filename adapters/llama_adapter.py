@@ -36,7 +36,7 @@ from torch import nn
 
 from .config import AdapterConfig, register_config
 from .layer import AdapterLayer, UnmergeableAdapterLayer
-from .mixed_batch import add_rows, take_rows
+from .routing import add_rows, take_rows
 from .targeting import iter_modules, suffix_match, unwrap
 
 DEFAULT_TARGET = "self_attn"

@@ -35,7 +35,7 @@ from torch import nn
 from . import quantization as quant
 from .config import AdapterConfig, register_config
 from .layer import AdapterLayer
-from .mixed_batch import add_rows, take_rows
+from .routing import add_rows, take_rows
 
 try:  # GPT-2 style layers; transformers is an optional dependency for this module
     from transformers.pytorch_utils import Conv1D

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import register_config
@@ -86,8 +87,6 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
 
 def _read_source(path: str) -> dict[str, torch.Tensor]:
     """The source-training checkpoint (safetensors only: pickles can run code)."""
-    from safetensors.torch import load_file
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MultitaskPromptTuningConfig: prompt_tuning_init_state_dict_path {path!r} does not exist")
     if not path.endswith(".safetensors"):

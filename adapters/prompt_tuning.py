@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from .config import register_config
 from .virtual_tokens import PromptLearningConfig, VirtualTokenEncoder
@@ -51,8 +52,6 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def init_token_ids(self) -> list[int]:
         """The token ids whose embeddings initialise a TEXT prompt (peft's tokenisation, repeated/cut)."""
-        from transformers import AutoTokenizer
-
         kwargs = dict(self.tokenizer_kwargs or {})
         kwargs.pop("trust_remote_code", None)  # as peft: never run remote code for an init
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path, **kwargs)

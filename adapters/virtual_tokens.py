@@ -31,7 +31,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .config import AdapterConfig, TaskType
+from .config import AdapterConfig
+from .task_types import TaskType
 
 try:  # transformers is needed to talk to the model's KV cache
     from transformers import Cache, DynamicCache, EncoderDecoderCache
