@@ -1,9 +1,9 @@
-"""Small helpers shared by the weight-space methods beyond LoRA (IA3, LoHa, LoKr, AdaLoRA).
+"""Small helpers shared by the weight-space methods (LoRA, IA3, LoHa, LoKr, AdaLoRA).
 
 They answer the questions every wrapper of a Linear-like base asks -- is it GPT-2's transposed
 ``Conv1D``, what are its input and output widths, in which device and dtype must adapter tensors
 live, which ``rank_pattern`` entry applies to a module -- so that each method module only holds
-its own math. (LoRA predates this module and keeps its own copies; it is not to be edited here.)
+its own math.
 """
 
 from __future__ import annotations
