@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 
+from .constraints import FieldRule, check_fields
 from .layer import AdapterLayer
 from .targeting import find_targets
 from .task_types import TaskType
@@ -75,6 +76,8 @@ class AdapterConfig:
     PEFT_TYPE: ClassVar[str] = ""
     # Prefix of the trainable adapter parameters inside a wrapped layer (e.g. "lora_").
     ADAPTER_PREFIX: ClassVar[str] = ""
+    # Rules over several fields (single-field constraints are declared with ``param``).
+    FIELD_RULES: ClassVar[tuple[FieldRule, ...]] = ()
 
     peft_type: str | None = None
     task_type: str | None = None
@@ -94,6 +97,7 @@ class AdapterConfig:
             raise ValueError(
                 f"invalid task_type {self.task_type!r}; expected one of {', '.join(TaskType.ALL)}"
             )
+        check_fields(self)
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:

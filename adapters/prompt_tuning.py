@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from .config import register_config
+from .constraints import param
 from .virtual_tokens import PromptLearningConfig, VirtualTokenEncoder
 
 _INIT_CHOICES = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -30,18 +31,14 @@ class PromptTuningConfig(PromptLearningConfig):
 
     PEFT_TYPE: ClassVar[str] = "PROMPT_TUNING"
 
-    prompt_tuning_init: str = "RANDOM"
-    prompt_tuning_init_text: str | None = None
+    prompt_tuning_init: str = param("RANDOM", choices=_INIT_CHOICES)
+    prompt_tuning_init_text: str | None = param(None, nonblank=True)
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.prompt_tuning_init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)).upper()
         super().__post_init__()
-        if self.prompt_tuning_init not in _INIT_CHOICES:
-            raise ValueError(
-                f"PromptTuningConfig: prompt_tuning_init must be one of {_INIT_CHOICES}, got {self.prompt_tuning_init!r}"
-            )
         if self.prompt_tuning_init == "TEXT":
             if not self.tokenizer_name_or_path:
                 raise ValueError("PromptTuningConfig: prompt_tuning_init='TEXT' needs tokenizer_name_or_path")

@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import quantization as quant
 from ..config import AdapterConfig, register_config
+from ..constraints import param
 from ..layer import AdapterLayer
 from ..layer_utils import pattern_value
 from .embedding import LoraEmbedding
@@ -55,16 +56,16 @@ class LoraConfig(AdapterConfig):
     PEFT_TYPE: ClassVar[str] = "LORA"
     ADAPTER_PREFIX: ClassVar[str] = "lora_"
 
-    r: int = 8
+    r: int = param(8, gt=0)
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
+    lora_alpha: float = param(8, gt=0)
+    lora_dropout: float = param(0.0, ge=0.0, lt=1.0)
     fan_in_fan_out: bool = False
-    bias: str = "none"
+    bias: str = param("none", choices=_BIAS_CHOICES)
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
-    init_lora_weights: bool | str = True
+    init_lora_weights: bool | str = param(True, choices=_INIT_CHOICES)
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -75,16 +76,6 @@ class LoraConfig(AdapterConfig):
         super().__post_init__()
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig: use_dora must be true or false, got {self.use_dora!r}")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in _BIAS_CHOICES:
-            raise ValueError(f"LoraConfig: bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
-        if self.init_lora_weights not in _INIT_CHOICES:
-            raise ValueError(
-                f"LoraConfig: init_lora_weights must be one of {_INIT_CHOICES}, got {self.init_lora_weights!r}"
-            )
         if isinstance(self.target_modules, (set, frozenset, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, frozenset, tuple)):
