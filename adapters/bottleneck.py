@@ -25,15 +25,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import AdapterConfig, register_config
 from .constraints import FieldRule, param
 from .layer import AdapterLayer, UnmergeableAdapterLayer
-
-try:  # GPT-2 style layers
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is installed in every supported setup
-    Conv1D = None  # type: ignore[assignment,misc]
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 NON_LINEARITIES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -134,7 +130,7 @@ class BottleneckConfig(AdapterConfig):
 
     # ------------------------------------------------------------------ layer factory
     def create_layer(self, target: nn.Module, adapter_name: str, module_name: str) -> AdapterLayer:
-        if not (isinstance(target, nn.Linear) or (Conv1D is not None and isinstance(target, Conv1D))):
+        if not (isinstance(target, nn.Linear) or isinstance(target, Conv1D)):
             raise TypeError(
                 f"bottleneck adapters wrap Linear or Conv1D output projections; {module_name!r} is "
                 f"{type(target).__name__}"
@@ -174,7 +170,7 @@ class BottleneckLayer(UnmergeableAdapterLayer):
         self.adapter_up = nn.ModuleDict()
         self.adapter_act = nn.ModuleDict()
         self.adapter_dropout = nn.ModuleDict()
-        is_conv1d = Conv1D is not None and isinstance(base_layer, Conv1D)
+        is_conv1d = isinstance(base_layer, Conv1D)
         self.features = int(base_layer.nf) if is_conv1d else int(base_layer.out_features)
 
     def add_adapter(

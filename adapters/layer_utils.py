@@ -14,18 +14,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from . import quantization as quant
-
-try:  # GPT-2 style layers (weight stored as (in, out))
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is installed in every supported setup
-    Conv1D = None  # type: ignore[assignment,misc]
 
 
 def is_conv1d(module: nn.Module) -> bool:
     """``True`` for ``transformers``' ``Conv1D`` (a Linear whose weight is stored transposed)."""
-    return Conv1D is not None and isinstance(module, Conv1D)
+    return isinstance(module, Conv1D)
 
 
 def is_linear_like(module: nn.Module) -> bool:

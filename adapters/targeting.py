@@ -19,15 +19,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .layer import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .task_types import TaskType
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
 
 ALL_LINEAR = "all-linear"
 
@@ -84,7 +80,7 @@ def suffix_match(name: str, target: str) -> bool:
 
 def is_linear(module: nn.Module) -> bool:
     base = unwrap(module)
-    return isinstance(base, nn.Linear) or (Conv1D is not None and isinstance(base, Conv1D))
+    return isinstance(base, nn.Linear) or isinstance(base, Conv1D)
 
 
 def available_names(model: nn.Module) -> list[str]:

@@ -30,15 +30,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import Cache, DynamicCache, EncoderDecoderCache
 
 from .config import AdapterConfig
 from .constraints import param
 from .task_types import TaskType
-
-try:  # transformers is needed to talk to the model's KV cache
-    from transformers import Cache, DynamicCache, EncoderDecoderCache
-except ImportError:  # pragma: no cover - transformers is installed in every supported setup
-    Cache = DynamicCache = EncoderDecoderCache = None  # type: ignore[assignment,misc]
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 SUPPORTED_TASKS: tuple[str, ...] = (TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM)
