@@ -24,7 +24,7 @@ from .llama_adapter import AdaptedAttention, AdaptionPromptConfig
 from .loha import LoHaConfig, LoHaLayer
 from .lokr import LoKrConfig, LoKrLayer
 from .lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
-from .mixed_batch import BASE_ADAPTER
+from .methods import METHODS, AdapterMethod, method_for_peft_type, method_named, method_names
 from .model import AdapterModel, get_adapter_model
 from .modules_to_save import ModulesToSaveWrapper
 from .multitask_prompt_tuning import MultitaskPromptEmbedding, MultitaskPromptTuningConfig
@@ -32,6 +32,7 @@ from .p_tuning import PromptEncoder, PromptEncoderConfig
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .quantization import prepare_model_for_kbit_training, quantize_linear_layers
+from .routing import BASE_ADAPTER
 from .serialization import LoadResult
 from .virtual_tokens import PromptLearningConfig
 
@@ -42,6 +43,7 @@ __all__ = [
     "AdaptionPromptConfig",
     "AdapterConfig",
     "AdapterLayer",
+    "AdapterMethod",
     "AdapterModel",
     "BASE_ADAPTER",
     "BottleneckConfig",
@@ -57,6 +59,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "METHODS",
     "ModulesToSaveWrapper",
     "MultitaskPromptEmbedding",
     "MultitaskPromptTuningConfig",
@@ -73,6 +76,9 @@ __all__ = [
     "config_class_for",
     "get_adapter_model",
     "load_config",
+    "method_for_peft_type",
+    "method_named",
+    "method_names",
     "orthogonal_regularization",
     "prepare_model_for_kbit_training",
     "quantize_linear_layers",

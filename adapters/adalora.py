@@ -40,15 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig, register_config
+from .constraints import FieldRule, param
 from .injection import adapter_layers
 from .layer import AdapterLayer
 from .layer_utils import (
     adapter_factory_kwargs,
-    check_probability,
     freeze_unless_active,
     is_conv1d,
     linear_features,
-    positive_int,
     refuse_quantized_merge,
     require_linear_like,
     sorted_list,
@@ -111,23 +110,29 @@ class AdaLoraConfig(AdapterConfig):
     PEFT_TYPE: ClassVar[str] = "ADALORA"
     ADAPTER_PREFIX: ClassVar[str] = "lora_"
 
-    init_r: int = 12
-    target_r: int = 8
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1  # noqa: N815 - PEFT's field name
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int | None = None
+    FIELD_RULES: ClassVar[tuple[FieldRule, ...]] = (
+        FieldRule("total_step", ("tinit", "tfinal"), lambda v, ref: None if v["tinit"] < v["total_step"] - v["tfinal"]
+                  else f"must exceed {ref('tinit')} + {ref('tfinal')} ({v['tinit']} + {v['tfinal']}), "
+                       "or there is no budgeting phase"),
+    )
+
+    init_r: int = param(12, gt=0)
+    target_r: int = param(8, gt=0)
+    tinit: int = param(0, ge=0)
+    tfinal: int = param(0, ge=0)
+    deltaT: int = param(1, gt=0)  # noqa: N815 - PEFT's field name
+    beta1: float = param(0.85, gt=0.0, lt=1.0)
+    beta2: float = param(0.85, gt=0.0, lt=1.0)
+    orth_reg_weight: float = param(0.5, ge=0.0)
+    total_step: int | None = param(None, gt=0)  # required here; the pipeline fills it from the stage
     rank_pattern: dict[str, list[bool]] | None = None
     r: int = 8
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
+    lora_alpha: float = param(8, gt=0)
+    lora_dropout: float = param(0.0, ge=0.0, lt=1.0)
     fan_in_fan_out: bool = False
-    bias: str = "none"
+    bias: str = param("none", choices=_BIAS_CHOICES)
     modules_to_save: list[str] | None = None
     init_lora_weights: bool = True
     layers_to_transform: list[int] | int | None = None
@@ -135,28 +140,9 @@ class AdaLoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("init_r", "target_r", "deltaT", "total_step"):
-            if not positive_int(getattr(self, name)):
-                raise ValueError(f"AdaLoraConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("tinit", "tfinal"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"AdaLoraConfig: {name} must be a non-negative integer, got {value!r}")
-        assert self.total_step is not None
-        if self.tinit >= self.total_step - self.tfinal:
-            raise ValueError(
-                f"AdaLoraConfig: tinit ({self.tinit}) must be below total_step - tfinal "
-                f"({self.total_step} - {self.tfinal}), or there is no budgeting phase"
-            )
-        for name in ("beta1", "beta2"):
-            value = float(getattr(self, name))
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"AdaLoraConfig: {name} must be in (0, 1), got {getattr(self, name)!r}")
-        if float(self.orth_reg_weight) < 0:
-            raise ValueError(f"AdaLoraConfig: orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        self.lora_dropout = check_probability("AdaLoraConfig", "lora_dropout", self.lora_dropout)
-        if self.bias not in _BIAS_CHOICES:
-            raise ValueError(f"AdaLoraConfig: bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
+        if self.total_step is None:
+            raise ValueError("AdaLoraConfig: total_step must be a positive integer, got None")
+        self.lora_dropout = float(self.lora_dropout)
         if not isinstance(self.init_lora_weights, bool):
             raise ValueError(f"AdaLoraConfig: init_lora_weights must be true or false, got {self.init_lora_weights!r}")
         self.target_modules = sorted_list(self.target_modules)

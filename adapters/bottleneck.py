@@ -19,19 +19,17 @@ The non-linearity makes the update impossible to fold into a weight: merging rai
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import AdapterConfig, register_config
+from .constraints import FieldRule, param
 from .layer import AdapterLayer, UnmergeableAdapterLayer
-
-try:  # GPT-2 style layers
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is installed in every supported setup
-    Conv1D = None  # type: ignore[assignment,misc]
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 NON_LINEARITIES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -53,6 +51,16 @@ DEFAULT_TARGETS: dict[str, tuple[str, str]] = {
 }
 
 
+def bottleneck_tags(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Registry tags: the placement and the one width setting in use (the factor 16 when neither is set)."""
+    tags: dict[str, Any] = {"placement": values.get("placement")}
+    if values.get("bottleneck_size") is not None:
+        tags["bottleneck_size"] = values["bottleneck_size"]
+    else:
+        tags["reduction_factor"] = values.get("reduction_factor") or DEFAULT_REDUCTION_FACTOR
+    return tags
+
+
 @register_config
 @dataclass
 class BottleneckConfig(AdapterConfig):
@@ -70,40 +78,27 @@ class BottleneckConfig(AdapterConfig):
     ADAPTER_PREFIX: ClassVar[str] = "adapter_"
     MERGEABLE: ClassVar[bool] = False
 
-    bottleneck_size: int | None = None
-    reduction_factor: float | None = None
-    placement: str = "houlsby"
-    non_linearity: str = "relu"
-    adapter_dropout: float = 0.0
+    FIELD_RULES: ClassVar[tuple[FieldRule, ...]] = (
+        FieldRule("reduction_factor", ("bottleneck_size",),
+                  lambda v, ref: f"set {ref('bottleneck_size')} or {ref('reduction_factor')}, not both"),
+    )
+
+    bottleneck_size: int | None = param(None, gt=0)
+    reduction_factor: float | None = param(None, gt=0)
+    placement: str = param("houlsby", choices=PLACEMENTS)
+    non_linearity: str = param("relu", choices=tuple(NON_LINEARITIES))
+    adapter_dropout: float = param(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     init_weights: bool = True
 
     def __post_init__(self) -> None:
+        self.placement = str(self.placement).lower()
+        self.non_linearity = str(self.non_linearity).lower()
         super().__post_init__()
-        if self.bottleneck_size is not None and self.reduction_factor is not None:
-            raise ValueError(
-                f"BottleneckConfig: set bottleneck_size or reduction_factor, not both "
-                f"(got {self.bottleneck_size!r} and {self.reduction_factor!r})"
-            )
         if self.bottleneck_size is None and self.reduction_factor is None:
             self.reduction_factor = DEFAULT_REDUCTION_FACTOR
-        size = self.bottleneck_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
-            raise ValueError(f"BottleneckConfig: bottleneck_size must be a positive integer, got {size!r}")
-        if self.reduction_factor is not None and not float(self.reduction_factor) > 0:
-            raise ValueError(f"BottleneckConfig: reduction_factor must be positive, got {self.reduction_factor!r}")
-        self.placement = str(self.placement).lower()
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"BottleneckConfig: placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        self.non_linearity = str(self.non_linearity).lower()
-        if self.non_linearity not in NON_LINEARITIES:
-            raise ValueError(
-                f"BottleneckConfig: non_linearity must be one of {tuple(NON_LINEARITIES)}, got {self.non_linearity!r}"
-            )
-        if not 0.0 <= float(self.adapter_dropout) < 1.0:
-            raise ValueError(f"BottleneckConfig: adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
         if isinstance(self.target_modules, (set, frozenset, tuple)):
             self.target_modules = sorted(self.target_modules)
         if self.modules_to_save is not None:
@@ -135,7 +130,7 @@ class BottleneckConfig(AdapterConfig):
 
     # ------------------------------------------------------------------ layer factory
     def create_layer(self, target: nn.Module, adapter_name: str, module_name: str) -> AdapterLayer:
-        if not (isinstance(target, nn.Linear) or (Conv1D is not None and isinstance(target, Conv1D))):
+        if not (isinstance(target, nn.Linear) or isinstance(target, Conv1D)):
             raise TypeError(
                 f"bottleneck adapters wrap Linear or Conv1D output projections; {module_name!r} is "
                 f"{type(target).__name__}"
@@ -175,7 +170,7 @@ class BottleneckLayer(UnmergeableAdapterLayer):
         self.adapter_up = nn.ModuleDict()
         self.adapter_act = nn.ModuleDict()
         self.adapter_dropout = nn.ModuleDict()
-        is_conv1d = Conv1D is not None and isinstance(base_layer, Conv1D)
+        is_conv1d = isinstance(base_layer, Conv1D)
         self.features = int(base_layer.nf) if is_conv1d else int(base_layer.out_features)
 
     def add_adapter(

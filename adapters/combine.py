@@ -33,16 +33,27 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from .config import AdapterConfig
 from .injection import adapter_layers, save_wrappers
 from .lora import LoraConfig, LoraLayer
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .model import AdapterModel
+
+class AdapterModel(Protocol):
+    """What combining needs from :class:`adapters.model.AdapterModel` (which calls in here, so this
+    module names the methods it uses instead of importing the class)."""
+
+    peft_config: dict[str, AdapterConfig]
+
+    def get_base_model(self) -> nn.Module: ...
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None: ...
+
+    def delete_adapter(self, adapter_name: str) -> None: ...
 
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")

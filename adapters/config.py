@@ -12,36 +12,23 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from torch import nn
+from torch import nn
 
-    from .layer import AdapterLayer
+from .constraints import FieldRule, check_fields
+from .layer import AdapterLayer
+from .targeting import find_targets
+from .task_types import TaskType
+
+__all__ = [
+    "CLASSIFIER_HEAD_NAMES", "CONFIG_NAME", "AdapterConfig", "TaskType", "config_class_for", "load_config",
+    "read_config_dict", "register_config", "registered_peft_types",
+]
 
 CONFIG_NAME = "adapter_config.json"
 
 _C = TypeVar("_C", bound="AdapterConfig")
-
-
-class TaskType:
-    """Task type constants, spelled exactly as PEFT writes them into ``adapter_config.json``."""
-
-    SEQ_CLS = "SEQ_CLS"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    CAUSAL_LM = "CAUSAL_LM"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-
-    ALL: ClassVar[tuple[str, ...]] = (
-        SEQ_CLS,
-        SEQ_2_SEQ_LM,
-        CAUSAL_LM,
-        TOKEN_CLS,
-        QUESTION_ANS,
-        FEATURE_EXTRACTION,
-    )
 
 
 # Heads that PEFT trains in full (modules_to_save) for classification tasks; kept identical so that
@@ -89,6 +76,8 @@ class AdapterConfig:
     PEFT_TYPE: ClassVar[str] = ""
     # Prefix of the trainable adapter parameters inside a wrapped layer (e.g. "lora_").
     ADAPTER_PREFIX: ClassVar[str] = ""
+    # Rules over several fields (single-field constraints are declared with ``param``).
+    FIELD_RULES: ClassVar[tuple[FieldRule, ...]] = ()
 
     peft_type: str | None = None
     task_type: str | None = None
@@ -108,6 +97,7 @@ class AdapterConfig:
             raise ValueError(
                 f"invalid task_type {self.task_type!r}; expected one of {', '.join(TaskType.ALL)}"
             )
+        check_fields(self)
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
@@ -183,8 +173,6 @@ class AdapterConfig:
         PEFT's ``target_modules`` rules (see :mod:`adapters.targeting`) unless a method picks its
         modules another way (per-architecture defaults, the top layers only, ...).
         """
-        from .targeting import find_targets  # targeting imports this module
-
         return find_targets(model, self)
 
     def create_layer(self, target: nn.Module, adapter_name: str, module_name: str) -> AdapterLayer:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .mixed_batch import RowRouting, gather_groups, take_rows
+from .routing import RowRouting, gather_groups, take_rows
 
 
 class AdapterLayer(nn.Module):

@@ -1,9 +1,9 @@
-"""Small helpers shared by the weight-space methods beyond LoRA (IA3, LoHa, LoKr, AdaLoRA).
+"""Small helpers shared by the weight-space methods (LoRA, IA3, LoHa, LoKr, AdaLoRA).
 
 They answer the questions every wrapper of a Linear-like base asks -- is it GPT-2's transposed
 ``Conv1D``, what are its input and output widths, in which device and dtype must adapter tensors
 live, which ``rank_pattern`` entry applies to a module -- so that each method module only holds
-its own math. (LoRA predates this module and keeps its own copies; it is not to be edited here.)
+its own math.
 """
 
 from __future__ import annotations
@@ -14,18 +14,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from . import quantization as quant
-
-try:  # GPT-2 style layers (weight stored as (in, out))
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is installed in every supported setup
-    Conv1D = None  # type: ignore[assignment,misc]
 
 
 def is_conv1d(module: nn.Module) -> bool:
     """``True`` for ``transformers``' ``Conv1D`` (a Linear whose weight is stored transposed)."""
-    return Conv1D is not None and isinstance(module, Conv1D)
+    return isinstance(module, Conv1D)
 
 
 def is_linear_like(module: nn.Module) -> bool:

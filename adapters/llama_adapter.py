@@ -35,18 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig, register_config
+from .constraints import param
 from .layer import AdapterLayer, UnmergeableAdapterLayer
-from .mixed_batch import add_rows, take_rows
+from .routing import add_rows, take_rows
 from .targeting import iter_modules, suffix_match, unwrap
 
 DEFAULT_TARGET = "self_attn"
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # attention variants whose queries go through more than q_proj + RoPE (their query could not be recomputed)
 _UNSUPPORTED_PARTS = ("q_norm", "k_norm", "q_a_proj", "kv_a_proj_with_mqa")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @register_config
@@ -61,17 +58,11 @@ class AdaptionPromptConfig(AdapterConfig):
     MERGEABLE: ClassVar[bool] = False
 
     target_modules: str | None = None
-    adapter_len: int | None = None
-    adapter_layers: int | None = None
+    adapter_len: int = param(10, gt=0)
+    adapter_layers: int | None = param(None, gt=0, required=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not _positive_int(self.adapter_len):
-            raise ValueError(f"AdaptionPromptConfig: adapter_len must be a positive integer, got {self.adapter_len!r}")
-        if not _positive_int(self.adapter_layers):
-            raise ValueError(
-                f"AdaptionPromptConfig: adapter_layers must be a positive integer, got {self.adapter_layers!r}"
-            )
         if self.target_modules is not None and (not isinstance(self.target_modules, str) or not self.target_modules):
             raise ValueError(
                 f"AdaptionPromptConfig: target_modules must be one module name such as 'self_attn', "

@@ -39,6 +39,8 @@ class LoHaConfig(LycorisConfig):
     ADAPTER_PREFIX: ClassVar[str] = "hada_"
     METHOD: ClassVar[str] = "LoHa"
 
+    init_weights: bool = True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.init_weights, bool):

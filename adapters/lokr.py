@@ -27,9 +27,17 @@ import torch
 from torch import nn
 
 from .config import register_config
+from .constraints import param
 from .lycoris import LycorisConfig, LycorisLayer
 
 _INIT_CHOICES = (True, False, "lycoris")
+
+
+def _balanced_or_positive(factor: object) -> str | None:
+    """``decompose_factor``: ``-1`` asks for the balanced split, a positive integer for that factor."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or (factor <= 0 and factor != -1):
+        return "must be -1 (balanced) or a positive integer"
+    return None
 
 
 def _divisors(n: int) -> list[int]:
@@ -71,17 +79,15 @@ class LoKrConfig(LycorisConfig):
     ADAPTER_PREFIX: ClassVar[str] = "lokr_"
     METHOD: ClassVar[str] = "LoKr"
 
+    init_weights: bool | str = param(True, choices=_INIT_CHOICES)
     decompose_both: bool = False
-    decompose_factor: int = -1
+    decompose_factor: int = param(-1, check=_balanced_or_positive)
     rank_dropout_scale: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.init_weights not in _INIT_CHOICES or not isinstance(self.init_weights, (bool, str)):
+        if not isinstance(self.init_weights, (bool, str)):
             raise ValueError(f"LoKrConfig: init_weights must be one of {_INIT_CHOICES}, got {self.init_weights!r}")
-        factor = self.decompose_factor
-        if isinstance(factor, bool) or not isinstance(factor, int) or (factor <= 0 and factor != -1):
-            raise ValueError(f"LoKrConfig: decompose_factor must be -1 or a positive integer, got {factor!r}")
         for name in ("decompose_both", "rank_dropout_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoKrConfig: {name} must be true or false, got {getattr(self, name)!r}")

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig
+from .constraints import param
 from .layer import AdapterLayer
 from .layer_utils import (
     adapter_factory_kwargs,
-    check_probability,
     freeze_unless_active,
     is_conv1d,
     linear_features,
@@ -47,10 +47,10 @@ class LycorisConfig(AdapterConfig):
 
     METHOD: ClassVar[str] = "LyCORIS"
 
-    r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
+    r: int = param(8, gt=0)
+    alpha: float = param(8, gt=0)
+    rank_dropout: float = param(0.0, ge=0.0, lt=1.0)
+    module_dropout: float = param(0.0, ge=0.0, lt=1.0)
     use_effective_conv2d: bool = False
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -64,10 +64,8 @@ class LycorisConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
-        if not positive_int(self.r):
-            raise ValueError(f"{owner}: r must be a positive integer, got {self.r!r}")
-        self.rank_dropout = check_probability(owner, "rank_dropout", self.rank_dropout)
-        self.module_dropout = check_probability(owner, "module_dropout", self.module_dropout)
+        self.rank_dropout = float(self.rank_dropout)
+        self.module_dropout = float(self.module_dropout)
         self.target_modules = sorted_list(self.target_modules)
         self.exclude_modules = sorted_list(self.exclude_modules)
         self.layers_to_transform = sorted_list(self.layers_to_transform)

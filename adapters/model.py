@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .combine import add_weighted_adapter
 from .config import AdapterConfig, load_config
 from .injection import (
     adapter_layers,
@@ -26,7 +27,8 @@ from .injection import (
     set_disabled,
     unload,
 )
-from .mixed_batch import BASE_ADAPTER, routed
+from .mixed_batch import routed
+from .routing import BASE_ADAPTER
 from .serialization import (
     LoadResult,
     get_adapter_state_dict,
@@ -303,8 +305,6 @@ class AdapterModel(nn.Module):
         """Add LoRA adapter ``adapter_name`` combining ``adapters`` (PEFT's combination types:
         ``linear``, ``cat``, ``svd``, ``ties``, ``dare_linear``, ``dare_ties``, ...; see
         :mod:`adapters.combine`). It is added inactive, like any new adapter."""
-        from .combine import add_weighted_adapter
-
         add_weighted_adapter(
             self, adapters, weights, adapter_name, combination_type=combination_type, svd_rank=svd_rank,
             density=density, majority_sign_method=majority_sign_method, svd_clamp=svd_clamp,

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .routing import RowRouting, gather_groups, take_rows
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Route calls to the active adapter's copy of a module, or to the frozen original."""
@@ -25,7 +27,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapter: str | None = None
         self.disable_adapters: bool = False
         # per-row adapter choice of a mixed-adapter batch (see adapters.mixed_batch); None otherwise
-        self._routing: Any = None
+        self._routing: RowRouting | None = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -71,8 +73,7 @@ class ModulesToSaveWrapper(nn.Module):
 
     def _grouped_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """A mixed-adapter batch: each row group through its adapter's copy (others: the original)."""
-        from .mixed_batch import gather_groups, take_rows
-
+        assert self._routing is not None
         outputs = []
         for name, rows in self._routing.groups(x.shape[0], x.device):
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import register_config
+from .constraints import param
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .virtual_tokens import PROMPT_EMBEDDINGS_KEY
 
@@ -39,10 +41,6 @@ _INIT_CHOICES = ("RANDOM", "TEXT", "SAMPLE_VOCAB", *_SOURCE_INITS)
 _FACTOR_STD = 0.02  # PEFT's (and the paper's code) init of the task factors
 
 
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 @register_config
 @dataclass
 class MultitaskPromptTuningConfig(PromptTuningConfig):
@@ -51,25 +49,18 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
 
     PEFT_TYPE: ClassVar[str] = "MULTITASK_PROMPT_TUNING"
 
+    prompt_tuning_init: str = param("RANDOM", choices=_INIT_CHOICES)
     prompt_tuning_init_state_dict_path: str | None = None
-    prompt_tuning_init_task: int | None = 0
-    num_ranks: int | None = 1
-    num_tasks: int | None = 1
+    prompt_tuning_init_task: int | None = param(0, ge=0)
+    num_ranks: int | None = param(1, gt=0, required=True)
+    num_tasks: int | None = param(1, gt=0, required=True)
 
     def __post_init__(self) -> None:
         init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)).upper()
-        if init not in _INIT_CHOICES:
-            raise ValueError(
-                f"MultitaskPromptTuningConfig: prompt_tuning_init must be one of {_INIT_CHOICES}, "
-                f"got {self.prompt_tuning_init!r}"
-            )
-        # PromptTuningConfig validates only its own inits; the source inits start from RANDOM there
+        # PromptTuningConfig's own checks know only its inits; the source inits start from RANDOM there
         self.prompt_tuning_init = "RANDOM" if init in _SOURCE_INITS else init
         super().__post_init__()
         self.prompt_tuning_init = init
-        for name in ("num_tasks", "num_ranks"):
-            if not _positive_int(getattr(self, name)):
-                raise ValueError(f"MultitaskPromptTuningConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
         if init in _SOURCE_INITS and not self.prompt_tuning_init_state_dict_path:
             raise ValueError(
                 f"MultitaskPromptTuningConfig: prompt_tuning_init={init!r} needs prompt_tuning_init_state_dict_path"
@@ -86,8 +77,6 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
 
 def _read_source(path: str) -> dict[str, torch.Tensor]:
     """The source-training checkpoint (safetensors only: pickles can run code)."""
-    from safetensors.torch import load_file
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MultitaskPromptTuningConfig: prompt_tuning_init_state_dict_path {path!r} does not exist")
     if not path.endswith(".safetensors"):

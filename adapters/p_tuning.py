@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import register_config
+from .constraints import param
 from .virtual_tokens import PromptLearningConfig, VirtualTokenEncoder
 
 _ENCODER_TYPES = ("MLP", "LSTM")
@@ -31,22 +32,15 @@ class PromptEncoderConfig(PromptLearningConfig):
 
     PEFT_TYPE: ClassVar[str] = "P_TUNING"
 
-    encoder_reparameterization_type: str = "MLP"
-    encoder_hidden_size: int | None = None
-    encoder_num_layers: int = _MLP_LAYERS
-    encoder_dropout: float = 0.0
+    encoder_reparameterization_type: str = param("MLP", choices=_ENCODER_TYPES)
+    encoder_hidden_size: int | None = param(None, gt=0)
+    encoder_num_layers: int = param(_MLP_LAYERS, gt=0)
+    encoder_dropout: float = param(0.0, ge=0.0, lt=1.0)
 
     def __post_init__(self) -> None:
         kind = self.encoder_reparameterization_type
         self.encoder_reparameterization_type = str(getattr(kind, "value", kind)).upper()
         super().__post_init__()
-        if self.encoder_reparameterization_type not in _ENCODER_TYPES:
-            raise ValueError(
-                f"PromptEncoderConfig: encoder_reparameterization_type must be one of {_ENCODER_TYPES}, "
-                f"got {kind!r}"
-            )
-        if not 0.0 <= float(self.encoder_dropout) < 1.0:
-            raise ValueError(f"PromptEncoderConfig: encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
 
     def create_prompt_encoder(self, word_embeddings: nn.Module) -> PromptEncoder:
         return PromptEncoder(self)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import register_config
+from .constraints import param
 from .virtual_tokens import PromptLearningConfig, VirtualTokenEncoder
 
 
@@ -32,14 +33,9 @@ class PrefixTuningConfig(PromptLearningConfig):
     PEFT_TYPE: ClassVar[str] = "PREFIX_TUNING"
     INJECTS_CACHE: ClassVar[bool] = True
 
-    encoder_hidden_size: int | None = None
+    encoder_hidden_size: int | None = param(None, gt=0)
     prefix_projection: bool = False
-    init_weights: str | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.init_weights not in (None, "zero"):
-            raise ValueError(f"PrefixTuningConfig: init_weights must be None or 'zero', got {self.init_weights!r}")
+    init_weights: str | None = param(None, choices=(None, "zero"))
 
     def create_prompt_encoder(self, word_embeddings: nn.Module) -> PrefixEncoder:
         return PrefixEncoder(self)

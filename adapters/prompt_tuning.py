@@ -12,8 +12,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from .config import register_config
+from .constraints import param
 from .virtual_tokens import PromptLearningConfig, VirtualTokenEncoder
 
 _INIT_CHOICES = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -29,18 +31,14 @@ class PromptTuningConfig(PromptLearningConfig):
 
     PEFT_TYPE: ClassVar[str] = "PROMPT_TUNING"
 
-    prompt_tuning_init: str = "RANDOM"
-    prompt_tuning_init_text: str | None = None
+    prompt_tuning_init: str = param("RANDOM", choices=_INIT_CHOICES)
+    prompt_tuning_init_text: str | None = param(None, nonblank=True)
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.prompt_tuning_init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)).upper()
         super().__post_init__()
-        if self.prompt_tuning_init not in _INIT_CHOICES:
-            raise ValueError(
-                f"PromptTuningConfig: prompt_tuning_init must be one of {_INIT_CHOICES}, got {self.prompt_tuning_init!r}"
-            )
         if self.prompt_tuning_init == "TEXT":
             if not self.tokenizer_name_or_path:
                 raise ValueError("PromptTuningConfig: prompt_tuning_init='TEXT' needs tokenizer_name_or_path")
@@ -51,8 +49,6 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def init_token_ids(self) -> list[int]:
         """The token ids whose embeddings initialise a TEXT prompt (peft's tokenisation, repeated/cut)."""
-        from transformers import AutoTokenizer
-
         kwargs = dict(self.tokenizer_kwargs or {})
         kwargs.pop("trust_remote_code", None)  # as peft: never run remote code for an init
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path, **kwargs)

@@ -28,6 +28,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .targeting import output_head_names
+
 QuantKind = Literal["4bit", "8bit"]
 _KEEP_IN_FP32 = ("all", "norms", "none")
 
@@ -220,8 +222,6 @@ def quantize_linear_layers(
         raise ValueError(f"quantize_linear_layers: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     bnb = require_bnb()
     if skip_modules is None:
-        from .targeting import output_head_names
-
         skip = sorted(output_head_names(model, getattr(model, "task_type", None)))
     else:
         skip = list(skip_modules)

@@ -16,20 +16,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from .config import AdapterConfig, TaskType
 from .layer import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
+from .task_types import TaskType
 
 ALL_LINEAR = "all-linear"
+
+
+class TargetingFields(Protocol):
+    """What the targeting rules read from an adapter config (any method's config has these or
+    leaves them out: the optional ones are read with ``getattr``)."""
+
+    task_type: str | None
 
 # Targets used when a config leaves target_modules unset (PEFT's defaults for these model types).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -77,7 +80,7 @@ def suffix_match(name: str, target: str) -> bool:
 
 def is_linear(module: nn.Module) -> bool:
     base = unwrap(module)
-    return isinstance(base, nn.Linear) or (Conv1D is not None and isinstance(base, Conv1D))
+    return isinstance(base, nn.Linear) or isinstance(base, Conv1D)
 
 
 def available_names(model: nn.Module) -> list[str]:
@@ -138,7 +141,7 @@ def _excluded(name: str, exclude: list[str] | str | None) -> bool:
     return any(suffix_match(name, e) for e in exclude)
 
 
-def resolve_target_modules(model: nn.Module, config: AdapterConfig) -> list[str] | str:
+def resolve_target_modules(model: nn.Module, config: TargetingFields) -> list[str] | str:
     """``config.target_modules`` or the default for the model type when it is unset."""
     targets: Any = getattr(config, "target_modules", None)
     if targets:
@@ -152,7 +155,7 @@ def resolve_target_modules(model: nn.Module, config: AdapterConfig) -> list[str]
     )
 
 
-def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+def find_targets(model: nn.Module, config: TargetingFields) -> list[str]:
     """Full names of the modules ``config`` adapts, in model order.
 
     Raises ``ValueError`` when a ``target_modules`` entry (or the regex) matches no module,

@@ -30,20 +30,14 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import Cache, DynamicCache, EncoderDecoderCache
 
-from .config import AdapterConfig, TaskType
-
-try:  # transformers is needed to talk to the model's KV cache
-    from transformers import Cache, DynamicCache, EncoderDecoderCache
-except ImportError:  # pragma: no cover - transformers is installed in every supported setup
-    Cache = DynamicCache = EncoderDecoderCache = None  # type: ignore[assignment,misc]
+from .config import AdapterConfig
+from .constraints import param
+from .task_types import TaskType
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 SUPPORTED_TASKS: tuple[str, ...] = (TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass
@@ -57,18 +51,16 @@ class PromptLearningConfig(AdapterConfig):
     # True for methods that act on the KV cache (prefix tuning) instead of the input embeddings.
     INJECTS_CACHE: ClassVar[bool] = False
 
-    num_virtual_tokens: int | None = None
-    token_dim: int | None = None
+    num_virtual_tokens: int | None = param(None, gt=0, required=True)
+    token_dim: int | None = param(None, gt=0)
     num_transformer_submodules: int | None = None
-    num_attention_heads: int | None = None
-    num_layers: int | None = None
+    num_attention_heads: int | None = param(None, gt=0)
+    num_layers: int | None = param(None, gt=0)
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        if not _positive_int(self.num_virtual_tokens):
-            raise ValueError(f"{name}: num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
         if self.task_type is not None and self.task_type not in SUPPORTED_TASKS:
             raise ValueError(
                 f"{name}: task_type {self.task_type!r} is not supported; use one of {', '.join(SUPPORTED_TASKS)}"
@@ -77,10 +69,6 @@ class PromptLearningConfig(AdapterConfig):
             raise ValueError(f"{name}: modules_to_save is not supported for virtual-token adapters")
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError(f"{name}: num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules!r}")
-        for field_name in ("token_dim", "num_attention_heads", "num_layers"):
-            value = getattr(self, field_name)
-            if value is not None and not _positive_int(value):
-                raise ValueError(f"{name}: {field_name} must be a positive integer, got {value!r}")
 
     @property
     def is_prompt_learning(self) -> bool:

@@ -14,10 +14,8 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
-from raypeft.adapters import (AdaLoraConfig, AdapterConfig, AdapterModel, AdaptionPromptConfig, BottleneckConfig, IA3Config,
-                      LoHaConfig, LoKrConfig, LoraConfig, MultitaskPromptTuningConfig, PrefixTuningConfig,
-                      PromptEncoderConfig, PromptTuningConfig, get_adapter_model)
-from raypeft.pipeline.config import AdaLoraSpec, AdapterSpec, ConfigError, ModelSpec, MultitaskPromptSpec, PromptSpec
+from raypeft.adapters import AdapterConfig, AdapterModel, get_adapter_model
+from raypeft.pipeline.config import AdapterSpec, ConfigError, ModelSpec
 
 DEMO_MODEL = "demo"
 
@@ -110,23 +108,6 @@ def skeleton_model(spec: ModelSpec) -> PreTrainedModel:
         return _auto_class(spec).from_config(config, trust_remote_code=spec.trust_remote_code)
 
 
-# The library config class behind each YAML ``adapter.method``.
-ADAPTER_CONFIGS: dict[str, type[AdapterConfig]] = {
-    "lora": LoraConfig,
-    "prompt": PromptTuningConfig,
-    "prefix": PrefixTuningConfig,
-    "ptuning": PromptEncoderConfig,
-    "ia3": IA3Config,
-    "loha": LoHaConfig,
-    "lokr": LoKrConfig,
-    "adalora": AdaLoraConfig,
-    "bottleneck": BottleneckConfig,
-    "adaption_prompt": AdaptionPromptConfig,
-    "llama_adapter": AdaptionPromptConfig,
-    "multitask_prompt": MultitaskPromptTuningConfig,
-}
-
-
 def adapter_config(adapter: AdapterSpec, model: ModelSpec) -> AdapterConfig:
     """The library config for a YAML adapter block.
 
@@ -136,14 +117,14 @@ def adapter_config(adapter: AdapterSpec, model: ModelSpec) -> AdapterConfig:
     stage's real step count before the first step (``pipeline.adapter_hooks``).
     """
     kwargs = adapter.adapter_kwargs()
-    if isinstance(adapter, (PromptSpec, MultitaskPromptSpec)) and adapter.prompt_tuning_init == "TEXT":
-        if not adapter.prompt_tuning_init_text:
+    if kwargs.get("prompt_tuning_init") == "TEXT":  # the text-initialised prompt methods
+        if not kwargs.get("prompt_tuning_init_text"):
             raise ConfigError("adapter.prompt_tuning_init_text: required when prompt_tuning_init is TEXT")
         kwargs["tokenizer_name_or_path"] = model.tokenizer or resolve_model_path(model)
-    if isinstance(adapter, AdaLoraSpec) and adapter.total_step is None:
-        kwargs["total_step"] = adapter.tinit + adapter.tfinal + 1
+    if "total_step" in kwargs and kwargs["total_step"] is None:  # AdaLoRA: the stage sets the real count
+        kwargs["total_step"] = kwargs["tinit"] + kwargs["tfinal"] + 1
     try:
-        return ADAPTER_CONFIGS[adapter.method](
+        return adapter.METHOD.config_class(
             task_type=model.task_type,
             base_model_name_or_path=model.name_or_path,
             **kwargs,

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import yaml
 
+from raypeft.adapters import method_for_peft_type
 from raypeft.pipeline import deepspeed_configs, engine, tracking
 from raypeft.pipeline.checkpoint import ADAPTER_DIR
 from raypeft.pipeline.config import RunConfig
@@ -41,22 +42,16 @@ class StageOutcome:
 
 def _registry_tags(cfg: RunConfig, adapter_dir: Path) -> dict[str, Any]:
     """Method and size tags of the adapter a stage published, read from its own config file: a
-    later stage may continue an adapter that was not made from this YAML's ``adapter`` block."""
-    tags = dict(cfg.adapter.registry_tags())
+    later stage may continue an adapter that was not made from this YAML's ``adapter`` block.
+    The method comes from the file's ``peft_type`` through the adapter-method registry."""
     try:
         saved = json.loads((adapter_dir / "adapter_config.json").read_text())
     except (OSError, ValueError):
-        return tags
-    method = _METHOD_OF_PEFT_TYPE.get(str(saved.get("peft_type", "")).upper(), tags["method"])
-    if method != tags["method"]:
-        tags = {"method": method}
-    for key in ("r", "lora_alpha", "num_virtual_tokens"):
-        if saved.get(key) is not None:
-            tags[key] = saved[key]
-    return tags
-
-
-_METHOD_OF_PEFT_TYPE = {"LORA": "lora", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix", "P_TUNING": "ptuning"}
+        saved = None
+    method = method_for_peft_type(str(saved.get("peft_type", ""))) if isinstance(saved, dict) else None
+    if method is None:
+        return dict(cfg.adapter.registry_tags())
+    return method.registry_tags(saved)
 
 
 def _config_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 A swept field applies to a trial only when it makes sense there:
 
 * ``adapter.<field>`` applies when the trial's adapter method has that field. The methods and
-  their fields are read from ``pipeline.config``'s ``AdapterSpec`` union, so ``adapter.r`` and
+  their fields are read from ``pipeline.config``'s specs (built from the adapter-method
+  registry), so ``adapter.r`` and
   ``adapter.lora_alpha`` follow the LoRA family and ``adapter.num_virtual_tokens`` the
   virtual-token methods, including methods added to the union later;
 * a spec with ``when: {field: [values]}`` applies when those fields (swept or from the base
@@ -23,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from raypeft.pipeline.config import RunConfig
+from raypeft.pipeline.config import ADAPTER_SPECS, RunConfig
 from raypeft.tune.schema import ParamSpec, SweepError
 
 METHOD_KEY = "adapter.method"
@@ -32,14 +33,8 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 def adapter_methods() -> dict[str, frozenset[str]]:
-    """``{method: fields of its spec}`` for every member of the config's ``AdapterSpec`` union."""
-    annotation = RunConfig.model_fields["adapter"].annotation
-    members = typing.get_args(annotation) or (annotation,)
-    out: dict[str, frozenset[str]] = {}
-    for spec in members:
-        method = spec.model_fields["method"].default
-        out[str(method)] = frozenset(spec.model_fields)
-    return out
+    """``{method: fields of its spec}`` for every name ``adapter.method`` accepts (aliases included)."""
+    return {method: frozenset(spec.model_fields) for method, spec in ADAPTER_SPECS.items()}
 
 
 def adapter_field(key: str) -> str | None:

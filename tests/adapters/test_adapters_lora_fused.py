@@ -14,8 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-import raypeft.adapters.lora as lora_mod
-from raypeft.adapters.lora import Conv1D, LoraLinear
+from transformers.pytorch_utils import Conv1D
+
+from raypeft.adapters.lora import LoraLinear
+from raypeft.adapters.lora.fused import FusedLoraLinear
 
 
 def _layer(base: nn.Module, dropout: float = 0.0, bias_trains: bool = False) -> LoraLinear:
@@ -96,8 +98,8 @@ def test_fused_bfloat16_matches_general_path():
 
 def test_fused_path_is_used_and_steps_aside(monkeypatch):
     calls: list[int] = []
-    real = lora_mod._FusedLoraLinear.apply
-    monkeypatch.setattr(lora_mod._FusedLoraLinear, "apply", lambda *a: (calls.append(1), real(*a))[1])
+    real = FusedLoraLinear.apply
+    monkeypatch.setattr(FusedLoraLinear, "apply", lambda *a: (calls.append(1), real(*a))[1])
     layer = _layer(nn.Linear(8, 8))
     x = torch.randn(2, 8, requires_grad=True)
     layer(x)

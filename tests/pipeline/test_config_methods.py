@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 # method -> (YAML fields, library config class, fields checked on it, registry tags)
 METHODS = {
     "lora": ({"r": 4, "use_dora": True}, "LoraConfig", {"r": 4, "use_dora": True, "target_modules": "all-linear"},
-             {"method": "lora", "r": 4, "lora_alpha": 16, "use_dora": True}),
+             {"method": "lora", "r": 4, "lora_alpha": 8, "use_dora": True}),  # PEFT's lora_alpha default
     "ia3": ({}, "IA3Config", {"target_modules": None, "feedforward_modules": None, "init_ia3_weights": True},
             {"method": "ia3"}),
     "loha": ({"r": 4, "alpha": 8, "rank_dropout": 0.1}, "LoHaConfig", {"r": 4, "alpha": 8, "rank_dropout": 0.1},
