@@ -23,6 +23,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from ray import tune
+
 from raypeft.pipeline.config import RunConfig
 from raypeft.tune.schema import ParamSpec, SweepError
 
@@ -225,8 +227,6 @@ class SearchSpace:
     # ------------------------------------------------------------------ samplers
     def tune_param_space(self, points: list[dict[str, Any]]) -> dict[str, Any]:
         """Tune's ``param_space`` for grid/random search: grid point indices plus the drawn fields."""
-        from ray import tune
-
         space: dict[str, Any] = {}
         if any(points):
             space[POINT_KEY] = tune.grid_search(list(range(len(points))))

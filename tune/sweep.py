@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import yaml
 from ray.tune import Callback
 
-from raypeft.pipeline import engine, tracking
+from raypeft.pipeline import launcher, tracking
 from raypeft.pipeline.config import STAGES, ConfigError, RunConfig, apply_overrides, load_config, parse_config
 from raypeft.tune import searchers
 from raypeft.tune.callbacks import TRIAL_TAG
@@ -365,7 +365,7 @@ def run_sweep(prep: PreparedSweep, log: Callable[[str], None] = print) -> SweepO
 
         inputs = preflight(cfg, [sweep.stage])[sweep.stage]
         _pin_inputs(cfg, prep.base_data, sweep.stage, inputs)
-        engine.init_ray()
+        launcher.init_ray()
         parent = tracking.start_run(experiment_id, sweep.name, tags={
             SWEEP_TAG: sweep.name, "raypeft.kind": "sweep", "raypeft.stage": sweep.stage,
             "raypeft.base_config": str(prep.base_path), "raypeft.workflow": cfg.name})
