@@ -456,11 +456,11 @@ class RankAllocator:
         """Fold this step's sensitivities ``|w * grad|`` into the EMAs (parameters without a gradient are skipped)."""
         beta1, beta2 = float(self.config.beta1), float(self.config.beta2)
         with torch.no_grad():
-            for key, param in self._params():
-                grad = self.grad_getter(param) if self.grad_getter is not None else param.grad
+            for key, weight in self._params():
+                grad = self.grad_getter(weight) if self.grad_getter is not None else weight.grad
                 if grad is None:
                     continue
-                ipt = (param * grad.to(param.dtype)).abs()
+                ipt = (weight * grad.to(weight.dtype)).abs()
                 avg = self.exp_avg_ipt.get(key)
                 unc = self.exp_avg_unc.get(key)
                 if avg is None or unc is None or avg.shape != ipt.shape:

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import Cache, DynamicCache, EncoderDecoderCache
+from transformers import DynamicCache, EncoderDecoderCache
 
 from .config import AdapterConfig
 from .constraints import param

@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from raypeft.pipeline.demo import DEMO_PROMPT_TEMPLATE, DemoSettings, ensure_demo_assets  # noqa: E402
-from raypeft.pipeline.demo.model import torch_threads  # noqa: E402
-from raypeft.pipeline.evaluation import generate_responses, rouge_scores  # noqa: E402
+from raypeft.pipeline.demo import DEMO_PROMPT_TEMPLATE, DemoSettings, ensure_demo_assets
+from raypeft.pipeline.demo.model import torch_threads
+from raypeft.pipeline.evaluation import generate_responses, rouge_scores
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -51,9 +51,7 @@ from typing import Any, Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # configs and results; raypeft itself is the installed package
 
 GB = 1e9
 VARIANTS = ("full", "lora", "lora_zero3_offload", "qlora")

@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # configs and results; raypeft itself is the installed package
 
 # Virtual-token methods train far fewer parameters from a random start: they need a larger
 # learning rate and more passes than LoRA to learn the task format.

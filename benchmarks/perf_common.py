@@ -26,9 +26,7 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # configs and results; raypeft itself is the installed package
 
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 # glibc keeps freed memory for reuse unless big blocks are mmapped; a fixed threshold makes the

@@ -145,7 +145,7 @@ def main() -> None:
     import ray
 
     # The offline GPU bundle has Ray without its dashboard's packages: start Ray here without it
-    # (pipeline.engine.init_ray then joins this instance instead of asking for a dashboard).
+    # (pipeline.launcher.init_ray then joins this instance instead of asking for a dashboard).
     ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
 
     dtype = "float32" if args.cpu else "bfloat16"

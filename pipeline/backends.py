@@ -28,14 +28,18 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import ray.train
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from raypeft.pipeline import engine
+from raypeft.adapters.quantization import is_quantized_param
+from raypeft.pipeline import checkpoint, engine
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
@@ -146,17 +150,13 @@ class TorchBackend(Backend):
              state: dict[str, Any]) -> None:
         if not is_main:
             return
-        from raypeft.pipeline import checkpoint
-
         write_adapter(folder / checkpoint.ADAPTER_DIR)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "state": dict(state)}, folder / checkpoint.STATE_FILE)
-        _mark_complete(folder, state)
+        checkpoint.mark_complete(folder, state)
 
     def restore(self, folder: Path, *, read_adapter: Callable[[Path], None]) -> dict[str, Any]:
-        from raypeft.pipeline import checkpoint
-
-        _require_complete(folder)
+        checkpoint.require_complete(folder)
         read_adapter(folder / checkpoint.ADAPTER_DIR)
         blob = torch.load(folder / checkpoint.STATE_FILE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(blob["optimizer"])
@@ -168,8 +168,6 @@ def _broadcast_from_rank0(params: list[nn.Parameter]) -> None:
     """Give every worker rank 0's values of ``params`` (one flat broadcast), as DDP does at start."""
     if not engine.distributed() or not params:
         return
-    import torch.distributed as dist
-
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     dist.broadcast(flat, src=0)
     offset = 0
@@ -192,8 +190,6 @@ def _partition_for_zero3(model: nn.Module, ds_config: dict[str, Any]) -> None:
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-
-    from raypeft.adapters.quantization import is_quantized_param
 
     dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") is True else
              torch.float16 if ds_config.get("fp16", {}).get("enabled") is True else None)
@@ -314,8 +310,6 @@ class DeepSpeedBackend(Backend):
     def save(self, folder: Path, *, is_main: bool, write_adapter: Callable[[Path], None],
              state: dict[str, Any]) -> None:
         """Every rank writes its optimiser partition; rank 0 also the PEFT adapter and the marker."""
-        from raypeft.pipeline import checkpoint
-
         # Frozen base weights are excluded: they are reloaded from the model's source.
         self.engine.save_checkpoint(str(folder / DS_DIR), tag=DS_TAG, client_state={"raypeft": dict(state)},
                                     exclude_frozen_parameters=True)
@@ -323,12 +317,12 @@ class DeepSpeedBackend(Backend):
             if is_main:
                 write_adapter(folder / checkpoint.ADAPTER_DIR)
         if is_main:
-            _mark_complete(folder, state)
+            checkpoint.mark_complete(folder, state)
 
     def restore(self, folder: Path, *, read_adapter: Callable[[Path], None]) -> dict[str, Any]:
         """DeepSpeed's own files hold the trainable weights (as partitions) next to the optimiser's,
         so ``read_adapter`` is not needed here: the PEFT folder is for people and later stages."""
-        _require_complete(folder)
+        checkpoint.require_complete(folder)
         _, client = self.engine.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG, load_module_strict=False,
                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
         if client is None:
@@ -373,20 +367,6 @@ def pad_for_lockstep(items: list[Any], batch_size: int, lockstep: bool, filler: 
     return items + [filler] * (target - len(items))
 
 
-def _mark_complete(folder: Path, state: dict[str, Any]) -> None:
-    from raypeft.pipeline import checkpoint
-
-    # Written last: a folder without it is a checkpoint whose writer died part-way.
-    (folder / checkpoint.META_FILE).write_text(json.dumps({"step": state.get("step"), "complete": True}))
-
-
-def _require_complete(folder: Path) -> None:
-    from raypeft.pipeline import checkpoint
-
-    if not checkpoint.is_complete(folder):
-        raise RuntimeError(f"{folder}: checkpoint is incomplete (its writer stopped part-way)")
-
-
 def report_checkpoint(backend: Backend, metrics: dict[str, Any], *, is_main: bool,
                       write_adapter: Callable[[Path], None], state: dict[str, Any]) -> None:
     """Save through ``backend`` into a temp folder on every rank and report it to Ray Train.
@@ -394,10 +374,6 @@ def report_checkpoint(backend: Backend, metrics: dict[str, Any], *, is_main: boo
     Ray Train merges the ranks' folders into one checkpoint (DeepSpeed's per-rank optimiser
     partitions sit next to rank 0's adapter); a rank with nothing to write reports metrics only.
     """
-    import tempfile
-
-    import ray.train
-
     with tempfile.TemporaryDirectory(prefix="raypeft-ckpt-") as tmp:
         folder = Path(tmp)
         backend.save(folder, is_main=is_main, write_adapter=write_adapter, state=state)

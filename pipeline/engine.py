@@ -1,12 +1,10 @@
-"""The Ray Train engine that every stage's training loop runs in.
+"""What a stage's training loop runs on inside each Ray Train worker.
 
-Driver side: ``init_ray`` joins the cluster a ``ray job submit`` driver already belongs to (or
-starts a private local one), and ``fit`` runs a stage's per-worker loop in a ``TorchTrainer``
-with the YAML's ``ScalingConfig`` and ``FailureConfig``.
-
-Worker side: the small set of collective helpers the loops share (rank, device, gathers, the
-adapter-gradient all-reduce over gloo on CPU / NCCL on GPU), so each stage only writes its loss;
-the optimiser, schedule and DeepSpeed engine are ``pipeline.backends``.
+The small set of helpers every loop shares: where this copy runs (rank, world size, device), a
+seeded and quiet start, progress lines, and the collectives (gathers, scalar reductions, the
+adapter-gradient all-reduce over gloo on CPU / NCCL on GPU), so each stage only writes its loss.
+The optimiser, schedule and DeepSpeed engine are ``pipeline.backends``; starting the workers
+(the driver side) is ``pipeline.launcher``.
 """
 
 from __future__ import annotations
@@ -15,77 +13,17 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import datasets
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
+import transformers
 
 from raypeft.pipeline.config import RunConfig
 
-
-# ------------------------------------------------------------------------------- driver
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the Ray cluster this process belongs to, or start a local one.
-
-    Under ``ray job submit`` (or with RAY_ADDRESS set) ``ray.init()`` joins that cluster. A
-    plain ``raypeft run`` on a laptop starts a private instance without the dashboard: nothing
-    listens on the network unless the user asked for a cluster.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
-    if os.environ.get("RAY_ADDRESS") or Path("/tmp/ray/ray_current_cluster").exists():
-        ray.init(**kwargs)
-    else:
-        # The dashboard process also serves the State API that Ray Train's controller polls;
-        # bound to loopback it is reachable from this machine only.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
-
-
-def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name: str,
-        callbacks: list | None = None):
-    """Run ``loop(payload)`` on every worker of a ``TorchTrainer`` and return Ray's ``Result``.
-
-    ``run_name`` names the Ray Train run folder under ``<output_dir>/<name>/ray``; re-using a
-    name resumes from its latest checkpoint, which is how a restarted worker group continues.
-    ``callbacks`` are Ray Train ``UserCallback``s (a sweep trial forwards reports to Ray Tune).
-    A loss that turns NaN/inf ends the loop on every worker without a retry and raises
-    ``pipeline.guards.NonFiniteLoss`` here, naming the step and the last good checkpoint.
-    """
-    from ray.train import FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from raypeft.pipeline import guards
-
-    resources = cfg.scaling.resources_per_worker
-    if resources is None and not cfg.scaling.use_gpu:
-        resources = {"CPU": 1}
-    storage = cfg.output_path() / "ray"
-    verdict = guards.stop_file(storage / run_name)
-    verdict.unlink(missing_ok=True)
-    trainer = TorchTrainer(
-        guards.stop_on_nonfinite(loop),  # a NaN/inf loss ends the stage, it is not retried
-        train_loop_config={**payload, guards.STOP_FILE: str(verdict)},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RayRunConfig(
-            name=run_name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=list(callbacks or []),
-        ),
-    )
-    return guards.raise_if_stopped(trainer.fit(), verdict)
-
-
-# ------------------------------------------------------------------------------- worker
 
 @dataclass(frozen=True)
 class Worker:
@@ -111,9 +49,6 @@ def say(message: str) -> None:
 
 def quiet_libraries() -> None:
     """No per-worker progress bars for weight loading and dataset maps: the step log is the progress."""
-    import datasets
-    import transformers
-
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -131,9 +66,6 @@ def setup_worker(cfg: RunConfig) -> Worker:
     Ray gives a CPU worker ``resources_per_worker["CPU"]`` slots; torch would otherwise spawn a
     thread per core of the node and the workers would fight over the same cores.
     """
-    import ray.train
-    import ray.train.torch
-
     quiet_libraries()
     ctx = ray.train.get_context()
     cpus = (cfg.scaling.resources_per_worker or {}).get("CPU", 1)

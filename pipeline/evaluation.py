@@ -20,6 +20,8 @@ _scorer = None
 def _rouge_scorer():
     global _scorer
     if _scorer is None:
+        # Imported on first use: rouge_score (with nltk) takes ~1.6 s to import, which every
+        # driver start would pay (the CLI imports the stages); only the scoring workers need it.
         from rouge_score import rouge_scorer
 
         _scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)

@@ -11,6 +11,7 @@ from datasets import Dataset
 
 from raypeft.pipeline.config import PairDataSpec, PromptDataSpec, RunConfig
 from raypeft.pipeline.data import DataError, check_columns, load_rows, split_train_eval
+from raypeft.pipeline.demo import ensure_demo_assets
 
 DEMO_SOURCE = "demo"
 
@@ -20,8 +21,6 @@ def sft_rows(cfg: RunConfig) -> tuple[Dataset, Dataset]:
     data = cfg.data
     trust = cfg.model.trust_remote_code
     if data.source == DEMO_SOURCE:
-        from raypeft.pipeline.demo import ensure_demo_assets
-
         files = ensure_demo_assets().data_dir
         train = load_rows(str(files / "sft_train.jsonl"))
         held_out = load_rows(str(files / "sft_eval.jsonl"))
@@ -62,8 +61,6 @@ def pair_rows(cfg: RunConfig, spec: PairDataSpec, field: str) -> tuple[Dataset, 
     trust = cfg.model.trust_remote_code
     where = f"{field}.source"
     if spec.source == DEMO_SOURCE:
-        from raypeft.pipeline.demo import ensure_demo_assets
-
         files = ensure_demo_assets().data_dir
         train = load_rows(str(files / "preference_train.jsonl"), where=where)
         held_out = load_rows(str(files / "preference_eval.jsonl"), where=where)
@@ -92,8 +89,6 @@ def prompt_rows(cfg: RunConfig, spec: PromptDataSpec, field: str) -> Dataset:
     """PPO's prompts: one text column (``field``: the stage's data block, for error messages)."""
     where = f"{field}.source"
     if spec.source == DEMO_SOURCE:
-        from raypeft.pipeline.demo import ensure_demo_assets
-
         rows = load_rows(str(ensure_demo_assets().data_dir / "prompts.jsonl"), where=where)
     else:
         rows = load_rows(spec.source, split=spec.split, file_format=spec.file_format, subset=spec.subset,

@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
 from raypeft.adapters import AdapterConfig, AdapterModel, get_adapter_model
 from raypeft.pipeline.config import AdapterSpec, ConfigError, ModelSpec
+from raypeft.adapters.quantization import prepare_model_for_kbit_training
+from raypeft.pipeline.demo import ensure_demo_assets
 
 DEMO_MODEL = "demo"
 
@@ -26,8 +28,6 @@ _STORAGE = {**_DTYPES, "uint8": torch.uint8}
 def resolve_model_path(spec: ModelSpec) -> str:
     """The path or hub id transformers should load; builds the demo assets on first use."""
     if spec.name_or_path == DEMO_MODEL:
-        from raypeft.pipeline.demo import ensure_demo_assets
-
         return str(ensure_demo_assets().model_dir)
     local = Path(spec.name_or_path).expanduser()
     return str(local.resolve()) if local.exists() else spec.name_or_path
@@ -53,8 +53,6 @@ def quantization_config(spec: ModelSpec):
     q = spec.quantization
     if q is None:
         return None
-    from transformers import BitsAndBytesConfig
-
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=q.llm_int8_skip_modules)
     return BitsAndBytesConfig(
@@ -88,8 +86,6 @@ def load_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> PreT
         **kwargs,
     )
     if quant is not None:
-        from raypeft.adapters import prepare_model_for_kbit_training
-
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
                                                 keep_in_fp32="norms")
     else:

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -35,8 +36,6 @@ class VersionInfo:
 
 
 def _client(tracking_uri: str) -> MlflowClient:
-    import mlflow
-
     mlflow.set_tracking_uri(tracking_uri)
     return MlflowClient(tracking_uri)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import yaml
 
 from raypeft.adapters import method_for_peft_type
-from raypeft.pipeline import deepspeed_configs, engine, tracking
+from raypeft.pipeline import deepspeed_configs, launcher, tracking
 from raypeft.pipeline.checkpoint import ADAPTER_DIR
 from raypeft.pipeline.config import RunConfig
 from raypeft.pipeline.preflight import ordered_stages, preflight
@@ -105,8 +105,8 @@ def run_stage(cfg: RunConfig, stage: str, *, experiment_id: str, parent_run_id: 
             tracking.set_tags(run_id, {"raypeft.deepspeed_config": cfg.deepspeed})
         payload = {"config": resolved, "run_id": run_id, "tracking_uri": uri,
                    "init_adapter": inputs.get("init"), "inputs": inputs}
-        result = engine.fit(stage_named(stage).train_loop, payload, cfg, run_name=f"{stage}-{run_id}",
-                            callbacks=callbacks)
+        result = launcher.fit(stage_named(stage).train_loop, payload, cfg, run_name=f"{stage}-{run_id}",
+                              callbacks=callbacks)
         adapter_dir = _publish_adapter(result, cfg.stage_adapter_dir(stage))
         size = tracking.directory_size(adapter_dir)
         tracking.log_metrics(run_id, {"adapter_size_bytes": size}, step=int(result.metrics.get("step", 0)))
@@ -137,7 +137,7 @@ def run_workflow(cfg: RunConfig, stages: list[str] | None = None,
         out = cfg.output_path()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(_config_dict(cfg), sort_keys=False))
-        engine.init_ray()
+        launcher.init_ray()
         parent = tracking.start_run(experiment_id, cfg.name, tags={"raypeft.workflow": cfg.name,
                                                                     "raypeft.stages": ",".join(stages)})
         outcomes: list[StageOutcome] = []

@@ -21,6 +21,11 @@ from __future__ import annotations
 import logging
 import time
 
+import ray
+from ray._private.state import state
+from ray.core.generated import gcs_pb2
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
 _log = logging.getLogger(__name__)
 
 
@@ -46,11 +51,6 @@ class OrphanedGroupReaper:
             return 0
 
     def _sweep(self) -> int:
-        import ray
-        from ray._private.state import state
-        from ray.core.generated import gcs_pb2
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
-
         job = ray.get_runtime_context().get_job_id()
         count = 0
         for blob in state._connect_and_get_accessor().get_placement_group_table():

@@ -1,6 +1,7 @@
 """Ray Tune's Optuna searcher, fed only the results that carry the sweep's final metric.
 
-Imported only when a sweep asks for ``search_alg: optuna`` (Optuna is an optional extra).
+Optuna is an optional extra: Ray's ``OptunaSearch`` module imports without it and fails only when
+a searcher is built, which ``tune.searchers`` does after ``require_optuna`` has checked (one line).
 """
 
 from __future__ import annotations

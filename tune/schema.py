@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raypeft.pipeline.config import ConfigError, StageName, apply_overrides
+from raypeft.pipeline.config.loading import read_yaml_mapping
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 CONFIG_PREFIX = "config."  # ``--set config.sft.max_steps=5`` edits the base run config, not the sweep
@@ -236,17 +237,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     Returns the sweep and the ``--set`` items meant for the base run config (``config.<key>=v``,
     prefix removed), which apply after the sweep's own ``overrides``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"{path}: sweep file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise SweepError(f"{path}: YAML syntax error at {where}: {exc.problem}") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = read_yaml_mapping(path, kind="sweep", error=SweepError)
     base_items: list[str] = []
     for item in overrides or []:
         if "=" not in item:

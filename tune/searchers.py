@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from raypeft.tune.optuna_search import FinalMetricOptunaSearch
 from raypeft.tune.schema import SchedulerSpec, SweepConfig, SweepError
 from raypeft.tune.space import SearchSpace
 
@@ -31,8 +35,6 @@ def scheduler(spec: SchedulerSpec) -> Any:
     """Tune's scheduler for ``spec`` (None for ``type: none``: Tune's FIFO)."""
     if spec.type == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     max_t = spec.max_t or UNBOUNDED_T
     if spec.grace_period > max_t:
         raise SweepError(f"scheduler.grace_period: {spec.grace_period} is beyond scheduler.max_t={max_t}")
@@ -44,12 +46,8 @@ def search_algorithm(sweep: SweepConfig, space: SearchSpace) -> Any:
     """The Tune search algorithm: Tune's variant generator for grid/random, Optuna's TPE otherwise."""
     if sweep.search_alg == "optuna":
         require_optuna()
-        from raypeft.tune.optuna_search import FinalMetricOptunaSearch
-
         return FinalMetricOptunaSearch(space=space.optuna_define(), metric=sweep.metric, mode=sweep.mode,
                                        seed=sweep.seed)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     # Tune applies TuneConfig.max_concurrent_trials to Searchers only; the variant generator
     # takes its own limit.
     return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials or 0)

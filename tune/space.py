@@ -20,9 +20,10 @@ asks only for the fields that apply. Either way a trial's sampled config goes th
 from __future__ import annotations
 
 import math
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+
+from ray import tune
 
 from raypeft.pipeline.config import ADAPTER_SPECS, RunConfig
 from raypeft.tune.schema import ParamSpec, SweepError
@@ -220,8 +221,6 @@ class SearchSpace:
     # ------------------------------------------------------------------ samplers
     def tune_param_space(self, points: list[dict[str, Any]]) -> dict[str, Any]:
         """Tune's ``param_space`` for grid/random search: grid point indices plus the drawn fields."""
-        from ray import tune
-
         space: dict[str, Any] = {}
         if any(points):
             space[POINT_KEY] = tune.grid_search(list(range(len(points))))

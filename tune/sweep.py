@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune import Callback
 
-from raypeft.pipeline import engine, tracking
+from raypeft.pipeline import launcher, tracking
 from raypeft.pipeline.adapter_inputs import stage_fields
 from raypeft.pipeline.config import STAGES, ConfigError, RunConfig, apply_overrides, load_config, parse_config
 from raypeft.pipeline.modeling import check_adapter_targets
@@ -360,7 +360,7 @@ def run_sweep(prep: PreparedSweep, log: Callable[[str], None] = print) -> SweepO
         experiment_id = tracking.connect(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_location())
         inputs = preflight(cfg, [sweep.stage])[sweep.stage]
         _pin_inputs(cfg, prep.base_data, sweep.stage, inputs)
-        engine.init_ray()
+        launcher.init_ray()
         parent = tracking.start_run(experiment_id, sweep.name, tags={
             SWEEP_TAG: sweep.name, "raypeft.kind": "sweep", "raypeft.stage": sweep.stage,
             "raypeft.base_config": str(prep.base_path), "raypeft.workflow": cfg.name})

@@ -1,5 +1,7 @@
 """Reading a run config: strict YAML (a key written twice is an error), ``--set`` overrides,
-validation into ``RunConfig`` and pydantic's errors rewritten as one line with the field path."""
+validation into ``RunConfig`` and pydantic's errors rewritten as one line with the field path.
+
+``read_yaml_mapping`` is the one strict YAML reader: sweep files (``raypeft.tune.schema``) use it too."""
 
 from __future__ import annotations
 
@@ -128,20 +130,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML file, apply ``--set`` overrides and validate."""
+def read_yaml_mapping(path: str | Path, *, kind: str = "config",
+                      error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """The top-level mapping of a YAML file, read strictly, or ``error`` as one line.
+
+    Every YAML file raypeft reads (run configs, sweep files) goes through here, so they share one
+    set of rules: a key written twice in one mapping is an error naming the key and both lines,
+    a syntax error names its line and column, and the top level must be a mapping (an empty file
+    is ``{}``). ``kind`` names the file in "not found" (``config file not found``).
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise error(f"{path}: {kind} file not found")
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(f"{path}: YAML syntax error at {where}: {exc.problem}") from None
+        raise error(f"{path}: YAML syntax error at {where}: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: YAML syntax error: {exc}") from None
+        raise error(f"{path}: YAML syntax error: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise error(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file, apply ``--set`` overrides and validate."""
+    data = read_yaml_mapping(path)
     apply_overrides(data, overrides or [])
     return parse_config(data, origin=str(path))

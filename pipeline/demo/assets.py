@@ -28,7 +28,9 @@ from typing import Callable
 from filelock import FileLock
 
 from raypeft.pipeline.demo.corpus import generate_corpus
+from raypeft.pipeline.demo.model import save_base, torch_threads, warm_up_base
 from raypeft.pipeline.demo.settings import DemoSettings
+from raypeft.pipeline.demo.tokenizer import train_tokenizer
 
 # How a stage turns a demo row into model text: ``DEMO_PROMPT_TEMPLATE.format(prompt=dialogue)``,
 # then the summary, then eos. Written as one string the two are joined by ``DEMO_RESPONSE_PREFIX``
@@ -82,9 +84,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def build_demo_assets(target: Path, settings: DemoSettings, *, log: Callable[[str], None] = print) -> dict:
     """Write every asset into ``target`` (created); returns the build timings in seconds."""
-    from raypeft.pipeline.demo.model import save_base, torch_threads, warm_up_base
-    from raypeft.pipeline.demo.tokenizer import train_tokenizer
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     corpus = generate_corpus(settings)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from raypeft.pipeline import engine, guards, tracking
+from raypeft.pipeline import engine, nonfinite_loss, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import DPOSpec, RunConfig
 from raypeft.pipeline.data import IGNORE_INDEX, PairCollator, count_tokens, split_pairs
@@ -141,7 +141,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
             losses, chosen, rejected, _, _ = pair_terms(roles, batch, spec.beta, spec.loss_type)
             loss = losses.mean()
-            guards.check_finite(loss, stage=NAME, step=step + 1)
+            nonfinite_loss.check_finite(loss, stage=NAME, step=step + 1)
             backend.backward(loss)
             backend.step()
             margin = chosen - rejected

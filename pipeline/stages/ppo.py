@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from raypeft.pipeline import engine, guards, rollout, tracking
+from raypeft.pipeline import engine, nonfinite_loss, rollout, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import ConfigError, PPOSpec, RunConfig
 from raypeft.pipeline.data import PromptCollator, tokenize_prompts
@@ -129,7 +129,7 @@ def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, backend: Backend,
                generator: torch.Generator, step: int = 0) -> dict[str, float]:
     """``ppo_epochs`` x ``minibatches`` optimiser steps of ``backend`` on one rollout; returns mean
     statistics. Clipping is the backend's (per role under plain PyTorch: see ``train_loop``);
-    ``step`` (1-based) names the PPO step if a loss turns NaN/inf (``pipeline.guards``)."""
+    ``step`` (1-based) names the PPO step if a loss turns NaN/inf (``pipeline.nonfinite_loss``)."""
     n = ro.input_ids.shape[0]
     size = n // spec.minibatches
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
@@ -142,7 +142,7 @@ def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, backend: Backend,
             pol = clipped_policy_loss(logp, rows["logprobs"], rows["advantages"], rows["mask"], spec.cliprange)
             v_loss, v_clip = clipped_value_loss(values, rows["values"], rows["returns"], rows["mask"],
                                                 spec.cliprange_value)
-            guards.check_finite(pol.loss + spec.vf_coef * v_loss, stage=NAME, step=step)
+            nonfinite_loss.check_finite(pol.loss + spec.vf_coef * v_loss, stage=NAME, step=step)
             backend.backward(pol.loss + spec.vf_coef * v_loss)
             backend.step()
             for key, value in (("policy_loss", pol.loss.detach()), ("value_loss", v_loss.detach()),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from raypeft.pipeline import engine, guards, tracking
+from raypeft.pipeline import engine, nonfinite_loss, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import RewardSpec, RunConfig
 from raypeft.pipeline.data import PairCollator, count_tokens, split_pairs
@@ -102,7 +102,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
             chosen, rejected = pair_scores(roles, batch)
             loss = bradley_terry_loss(chosen, rejected)
-            guards.check_finite(loss, stage=NAME, step=step + 1)
+            nonfinite_loss.check_finite(loss, stage=NAME, step=step + 1)
             backend.backward(loss)
             backend.step()
             margin = (chosen - rejected).detach()

@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any
 
-from raypeft.pipeline import engine, guards, tracking
+from raypeft.pipeline import engine, nonfinite_loss, tracking
 from raypeft.pipeline.adapter_hooks import adapter_hooks
 from raypeft.pipeline.config import RunConfig, SFTSpec
 from raypeft.pipeline.data import SFTCollator, count_tokens, tokenize_sft
@@ -89,7 +89,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             for ids in group:
                 batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
                 loss = (backend.module(**batch, **hooks.inputs(ids)).loss + hooks.loss_extra()) / len(group)
-                guards.check_finite(loss, stage=NAME, step=step + 1)
+                nonfinite_loss.check_finite(loss, stage=NAME, step=step + 1)
                 backend.backward(loss)
                 loss_window.append(loss.item() * len(group))
                 throughput.add(count_tokens(batch))

@@ -103,7 +103,7 @@ def _fit(tmp: Path, name: str, ds: str | None, stop_at: int, resume=None):
 
 @pytest.fixture()
 def ray_local():
-    from raypeft.pipeline.engine import init_ray
+    from raypeft.pipeline.launcher import init_ray
 
     init_ray(num_cpus=2)
     yield

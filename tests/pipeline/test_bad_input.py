@@ -1,7 +1,7 @@
 """Every bad input a user can give ``raypeft run``, through the real CLI (``main(argv)`` in-process).
 
 Each case must give exit code 2 and ONE line on stderr (``raypeft: error: <field>: <problem>``),
-before Ray starts (``engine.init_ray`` / ``engine.fit`` are booby-trapped) and with nothing
+before Ray starts (``launcher.init_ray`` / ``launcher.fit`` are booby-trapped) and with nothing
 written: no output folder, no MLflow store for problems found before the tracking store is
 needed, and no MLflow run in the store for those found after (``models:/`` lookups). The NaN
 loss case needs a real stage, so it starts Ray and is marked slow.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raypeft.pipeline import engine
+from raypeft.pipeline import launcher
 from raypeft.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -199,8 +199,8 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise AssertionError(f"{name} was called: bad input must fail before Ray starts")
         return _trap
 
-    monkeypatch.setattr(engine, "init_ray", trap("init_ray"))
-    monkeypatch.setattr(engine, "fit", trap("fit"))
+    monkeypatch.setattr(launcher, "init_ray", trap("init_ray"))
+    monkeypatch.setattr(launcher, "fit", trap("fit"))
     return started
 
 

@@ -8,7 +8,8 @@ restore refuses a folder without the marker. The stage's published adapter is co
 hidden staging folder and renamed into place.
 
 The crash is simulated by making a write raise part-way (``torch.save`` of the trainer state,
-or the copy of the second adapter file).
+or the copy of the second adapter file). A checkpoint that was written whole restores exactly,
+through the same calls a stage makes (``pipeline.stages.common.report`` / ``restore``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import ray.train
 from raypeft.adapters import LoraConfig, get_adapter_model
 from raypeft.adapters.serialization import load_adapter_weights
-from raypeft.pipeline import backends, checkpoint
+from raypeft.pipeline import backends, checkpoint, engine
+from raypeft.pipeline.stages import common
 
 
 class Crash(RuntimeError):
@@ -104,8 +106,6 @@ def test_torch_backend_crash_mid_save_reports_nothing_and_resume_uses_the_last_c
     assert len(fake_ray.registered) == 1  # the half checkpoint was never reported
     assert not list((tmp_path / "scratch").iterdir())  # nor left lying around
 
-    from raypeft.pipeline.stages import common
-
     resumed = common.latest_checkpoint()
     fresh = _model(seed=1)
     state = _backend(fresh).restore(resumed, read_adapter=lambda d: fresh.load_adapter_state_dict(
@@ -117,7 +117,7 @@ def test_torch_backend_crash_mid_save_reports_nothing_and_resume_uses_the_last_c
 
 def test_a_folder_without_the_marker_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a crash leaves inside the temp folder (adapter written, state half-written, no
-    ``checkpoint.json``) can never be restored, by either checkpoint path."""
+    ``checkpoint.json``) can never be restored."""
     model = _model()
     backend = _backend(model)
     folder = tmp_path / "half"
@@ -132,28 +132,43 @@ def test_a_folder_without_the_marker_is_refused(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(RuntimeError, match="checkpoint is incomplete"):
         backend.restore(folder, read_adapter=lambda d: None)
 
-    folder2 = tmp_path / "half2"
-    folder2.mkdir()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    with monkeypatch.context() as m:
-        _crash_on_state_save(m, checkpoint)
-        with pytest.raises(Crash):
-            checkpoint.write(folder2, model, optimizer, scheduler, {"step": 3})
-    with pytest.raises(RuntimeError, match="checkpoint is incomplete"):
-        checkpoint.restore(folder2, model, optimizer, scheduler)
 
-
-def test_checkpoint_report_crash_reports_nothing(fake_ray: FakeRay, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_live_round_trip_restores_adapter_optimiser_schedule_and_state(
+        fake_ray: FakeRay, tmp_path: Path) -> None:
+    """What a stage does: ``common.report`` after some steps, then, in a restarted worker group,
+    ``common.latest_checkpoint`` + ``common.restore`` into a fresh model and backend."""
+    worker = engine.Worker(rank=0, world_size=1, device=torch.device("cpu"))
     model = _model()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    _crash_on_state_save(monkeypatch, checkpoint)
-    with pytest.raises(Crash):
-        checkpoint.report({"step": 1}, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 1})
-    assert fake_ray.registered == []
-    assert not list((tmp_path / "scratch").iterdir())
+    backend = backends.TorchBackend(model, lr=1e-2, weight_decay=0.0, scheduler="linear", warmup_steps=1,
+                                    total_steps=10, max_grad_norm=1.0)
+    ids = torch.randint(0, 64, (2, 8))
+    for _ in range(3):  # Adam moments and a moved schedule, so the restore has something to restore
+        backend.backward(model(input_ids=ids, labels=ids).loss)
+        backend.step()
+    state = {"step": 3, "rouge_before": {"rougeL": 0.25}}
+    common.report(worker, backend, {"train_loss": 1.0}, model, state)
+    assert len(fake_ray.registered) == 1 and checkpoint.is_complete(fake_ray.registered[0])
+    assert checkpoint.checkpoint_step(fake_ray.registered[0]) == 3
+
+    fresh = _model()  # the same base, reloaded from its source; its fresh adapter differs from the trained one
+    fresh_backend = backends.TorchBackend(fresh, lr=1e-2, weight_decay=0.0, scheduler="linear", warmup_steps=1,
+                                          total_steps=10, max_grad_norm=1.0)
+    assert not all(torch.equal(p, q) for p, q in zip(backend.params, fresh_backend.params))
+    resumed = common.latest_checkpoint()
+    assert common.restore(fresh_backend, resumed, fresh) == state
+    for p, q in zip(backend.params, fresh_backend.params):
+        assert torch.equal(p, q)
+    assert fresh_backend.scheduler.state_dict() == backend.scheduler.state_dict()
+    assert fresh_backend.lr() == backend.lr()
+    saved, loaded = backend.optimizer.state_dict()["state"], fresh_backend.optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and saved
+    for k in saved:
+        assert all(torch.equal(saved[k][name], loaded[k][name]) for name in saved[k])
+    # Both go on identically from here.
+    for b, m in ((backend, model), (fresh_backend, fresh)):
+        b.backward(m(input_ids=ids, labels=ids).loss)
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(backend.params, fresh_backend.params))
 
 
 class _Result:

@@ -153,7 +153,7 @@ def test_dpo_stage_from_a_registry_uri(workflow) -> None:
 @pytest.mark.slow
 def test_ppo_resumes_from_a_checkpoint(workflow) -> None:
     """A PPO checkpoint (policy + critic + optimiser + KL state) restarts the loop where it stopped."""
-    from raypeft.pipeline import engine, tracking
+    from raypeft.pipeline import launcher, tracking
     from raypeft.pipeline.adapter_inputs import resolve_stage_inputs
     from raypeft.pipeline.stages.ppo import train_loop
 
@@ -167,7 +167,7 @@ def test_ppo_resumes_from_a_checkpoint(workflow) -> None:
     run_id = tracking.start_run(experiment, "ppo-resumed")
     payload = {"config": cfg.model_dump(mode="json", by_alias=True), "run_id": run_id,
                "tracking_uri": workflow["uri"], "inputs": resolve_stage_inputs(cfg, ["ppo"])["ppo"], "resume": str(mid)}
-    result = engine.fit(train_loop, payload, cfg, run_name=f"ppo-resumed-{run_id}")
+    result = launcher.fit(train_loop, payload, cfg, run_name=f"ppo-resumed-{run_id}")
     assert result.metrics["step"] == 3
     assert [m.step for m in client.get_metric_history(run_id, "reward_mean")] == [3]  # only the missing step
     before = client.get_run(first.run_id).data.metrics["eval_reward_before"]

@@ -11,11 +11,11 @@ import pytest
 import torch
 import transformers
 
-from raypeft.pipeline import checkpoint
+from raypeft.pipeline.backends import TorchBackend
 from raypeft.pipeline.config import parse_config
 from raypeft.pipeline.modeling import adapter_config
 from raypeft.pipeline.roles import VALUE_HEAD_FILE, Roles
-from raypeft.pipeline.stages import dpo, ppo
+from raypeft.pipeline.stages import common, dpo, ppo
 
 VOCAB = 100
 
@@ -51,6 +51,12 @@ def adapter_folders(tmp_path: Path, cfg) -> dict[str, Path]:
     other.save("sft", tmp_path / "sft")
     other.save("rm", tmp_path / "rm")
     return {"sft": tmp_path / "sft", "reward": tmp_path / "rm"}
+
+
+def _torch_backend(roles: Roles) -> TorchBackend:
+    """The plain-PyTorch backend a stage builds over ``roles`` (its save/restore is the checkpoint path)."""
+    return TorchBackend(roles, lr=1e-3, weight_decay=0.0, scheduler="constant", warmup_steps=0, total_steps=10,
+                        max_grad_norm=None)
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,15 +200,13 @@ def test_multi_role_checkpoint_round_trip(cfg, adapter_folders, tmp_path: Path) 
               "reward": str(adapter_folders["reward"]), "critic": str(adapter_folders["reward"])}
     roles = ppo.build_roles(cfg, _llama(), inputs)
     _perturb(roles.trainable_parameters())
-    opt = torch.optim.AdamW(roles.trainable_parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    checkpoint.write(tmp_path / "ck", roles, opt, sched, {"step": 3, "kl_coef": 0.07})
+    (tmp_path / "ck").mkdir()
+    _torch_backend(roles).save(tmp_path / "ck", is_main=True, write_adapter=common._adapter_io(roles)[0],
+                               state={"step": 3, "kl_coef": 0.07})
     assert (tmp_path / "ck" / "adapter" / "adapter_model.safetensors").is_file()  # the policy, PEFT layout
     assert (tmp_path / "ck" / "roles" / "critic" / VALUE_HEAD_FILE).is_file()
     fresh = ppo.build_roles(cfg, _llama(), inputs)
-    opt2 = torch.optim.AdamW(fresh.trainable_parameters(), lr=1e-3)
-    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
-    state = checkpoint.restore(tmp_path / "ck", fresh, opt2, sched2)
+    state = common.restore(_torch_backend(fresh), tmp_path / "ck", fresh)
     assert state == {"step": 3, "kl_coef": 0.07}
     for p, q in zip(roles.trainable_parameters(), fresh.trainable_parameters()):
         assert torch.equal(p, q)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from raypeft.adapters import AdapterModel, LoraConfig, get_adapter_model
 from raypeft.adapters.serialization import load_adapter_weights
-from raypeft.pipeline import engine
+from raypeft.pipeline import launcher
 from raypeft.cli import main
 from raypeft.pipeline.config import ModelSpec, load_config
 from raypeft.pipeline.modeling import load_base_model
@@ -47,8 +47,8 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     def trap(*args, **kwargs):
         raise AssertionError("Ray must not start in these tests")
 
-    monkeypatch.setattr(engine, "init_ray", trap)
-    monkeypatch.setattr(engine, "fit", trap)
+    monkeypatch.setattr(launcher, "init_ray", trap)
+    monkeypatch.setattr(launcher, "fit", trap)
 
 
 def _validate(tmp_path: Path, *sets: str) -> int:

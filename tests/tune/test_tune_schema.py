@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from raypeft import cli
+from raypeft.pipeline.config import ConfigError, load_config
 from raypeft.tune.schema import SweepError, load_sweep, parse_sweep
 from raypeft.tune.sweep import prepare
 
@@ -65,6 +66,19 @@ def test_yaml_syntax_and_missing_file(tmp_path: Path) -> None:
         load_sweep(tmp_path / "nope.yaml")
     with pytest.raises(SweepError, match=r"YAML syntax error at line 2, column 11: mapping values"):
         load_sweep(_write(tmp_path, "name: x\nstage: sft: reward\n"))
+
+
+def test_duplicate_key_in_a_sweep_file_is_one_line_naming_key_and_lines(tmp_path: Path) -> None:
+    """Sweep files are read as strictly as run configs: a key written twice is not "last wins"."""
+    path = _write(tmp_path, "name: x\nstage: sft\nsearch_space:\n  adapter.r: {grid: [4, 8]}\n"
+                            "  adapter.r: {grid: [16]}\n")
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert str(err.value) == (f"{path}: YAML syntax error at line 5, column 3: duplicate key 'adapter.r' "
+                              "(first at line 4)")
+    with pytest.raises(ConfigError) as same:  # the run-config reader, word for word
+        load_config(path)
+    assert str(same.value) == str(err.value)
 
 
 def test_set_edits_the_sweep_and_config_prefix_goes_to_the_base(tmp_path: Path) -> None:

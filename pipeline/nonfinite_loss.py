@@ -25,7 +25,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import ray.train
 import torch
+
+from raypeft.pipeline import engine, tracking
+from raypeft.pipeline.checkpoint import checkpoint_step
 
 STOP_FILE = "nonfinite_file"  # payload key: where rank 0 leaves the verdict
 
@@ -58,8 +62,6 @@ def check_finite(loss: torch.Tensor | float, *, stage: str, step: int) -> None:
     Call it on every rank at the same point of the loop (after the forward, before ``backward``):
     the flags are summed over workers, on the loss's device (gloo on CPU, NCCL on GPU).
     """
-    from raypeft.pipeline import engine
-
     device = loss.device if isinstance(loss, torch.Tensor) else None
     nan, inf = engine.all_reduce(list(_kind(loss)), op="sum", device=device)
     if nan or inf:
@@ -79,10 +81,6 @@ def stop_on_nonfinite(loop: Callable[[dict], None]) -> Callable[[dict], None]:
         try:
             loop(payload)
         except NonFiniteLoss as exc:
-            import ray.train
-
-            from raypeft.pipeline import engine, tracking
-
             tracking.RunLogger.flush_open()  # the steps before the bad one stay in MLflow
             if ray.train.get_context().get_world_rank() == 0:
                 engine.say(f"[{exc.stage}] {exc}")
@@ -111,18 +109,9 @@ def raise_if_stopped(result: Any, verdict_file: Path) -> Any:
         return result
     checkpoint = getattr(result, "checkpoint", None)
     if checkpoint is not None:
-        step = _checkpoint_step(checkpoint.path)
+        step = checkpoint_step(checkpoint.path)
         detail = f"; last good checkpoint{f' (step {step})' if step is not None else ''}: {checkpoint.path}"
     else:
         detail = "; no checkpoint had been written yet"
     raise NonFiniteLoss(str(verdict["stage"]), int(verdict["step"]), str(verdict["kind"]),
                         detail + " (lower the learning rate, check the data, or set max_grad_norm)")
-
-
-def _checkpoint_step(path: str) -> int | None:
-    from raypeft.pipeline.checkpoint import META_FILE
-
-    try:
-        return int(json.loads((Path(path) / META_FILE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
