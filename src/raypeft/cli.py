@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Callable
 
-from raypeft.pipeline import registry
+from raypeft.pipeline import model_registry
 from raypeft.pipeline.config import ConfigError, RunConfig, load_config
 from raypeft.pipeline.data import DataError
 from raypeft.pipeline.evaluate_adapter import evaluate_adapter
@@ -102,9 +102,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _registry(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or RunConfig().tracking_uri()
     if args.registry_command == "list":
-        print(registry.format_versions(registry.list_versions(uri, args.name)))
+        print(model_registry.format_versions(model_registry.list_versions(uri, args.name)))
     else:
-        registry.promote(uri, args.name, args.version, args.alias)
+        model_registry.promote(uri, args.name, args.version, args.alias)
         print(f"[raypeft] {args.name}@{args.alias} -> version {args.version}")
     return 0
 

@@ -15,7 +15,7 @@ import torch
 
 from raypeft.adapters import get_adapter_model
 from raypeft import cli
-from raypeft.pipeline import registry, tracking
+from raypeft.pipeline import model_registry, tracking
 from raypeft.pipeline.config import LoraSpec, ModelSpec, load_config
 from raypeft.pipeline.evaluate_adapter import evaluate_adapter
 from raypeft.pipeline.modeling import adapter_config, load_base_model
@@ -64,23 +64,23 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_list_shows_versions_aliases_tags_and_metrics(store: dict) -> None:
-    rows = registry.list_versions(store["uri"])
+    rows = model_registry.list_versions(store["uri"])
     assert [(r.name, r.version) for r in rows] == [("regtest-reward", 1), (NAME, 2), (NAME, 1)]
     by_version = {(r.name, r.version): r for r in rows}
     assert by_version[(NAME, 2)].aliases == ["best"] and by_version[(NAME, 1)].aliases == []
     assert by_version[(NAME, 2)].tags["r"] == "4"
     assert by_version[(NAME, 2)].metrics["rougeL_after"] == pytest.approx(0.2)
-    text = registry.format_versions(registry.list_versions(store["uri"], NAME))
+    text = model_registry.format_versions(model_registry.list_versions(store["uri"], NAME))
     header, *lines = text.splitlines()
     assert header.split() == ["name", "version", "aliases", "stage", "method", "r", "rougeL_after", "trainable_params"]
     assert lines[0].split() == [NAME, "2", "best", "sft", "lora", "4", "0.2000", "1,001"]
 
 
 def test_promote_moves_an_alias_and_models_uris_resolve_to_the_adapter(store: dict) -> None:
-    registry.promote(store["uri"], NAME, 1, "prod")
-    assert {r.version: r.aliases for r in registry.list_versions(store["uri"], NAME)} == {2: ["best"], 1: ["prod"]}
-    registry.promote(store["uri"], NAME, 2, "prod")
-    assert {r.version: r.aliases for r in registry.list_versions(store["uri"], NAME)} == {2: ["best", "prod"], 1: []}
+    model_registry.promote(store["uri"], NAME, 1, "prod")
+    assert {r.version: r.aliases for r in model_registry.list_versions(store["uri"], NAME)} == {2: ["best"], 1: ["prod"]}
+    model_registry.promote(store["uri"], NAME, 2, "prod")
+    assert {r.version: r.aliases for r in model_registry.list_versions(store["uri"], NAME)} == {2: ["best", "prod"], 1: []}
     want = (store["lora"] / "adapter_model.safetensors").read_bytes()
     for ref in (f"models:/{NAME}@prod", f"models:/{NAME}/1", f"models:/{NAME}@best"):
         folder = tracking.resolve_adapter(ref, tracking_uri=store["uri"])

@@ -19,7 +19,7 @@ import yaml
 from mlflow import MlflowClient
 
 from raypeft import cli
-from raypeft.pipeline import registry, tracking
+from raypeft.pipeline import model_registry, tracking
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -156,7 +156,7 @@ def test_best_adapter_registered_with_alias_and_sweep_tags(sweep) -> None:
     assert version.tags["sweep"] == "itest-sweep" and version.tags["method"] == "lora"
     assert version.tags["sweep_run_id"] == outcome.parent_run_id
     assert math.isclose(float(version.tags["rougeL_after"]), outcome.best.metric)
-    rows = registry.list_versions(uri, "quickstart-sft")
+    rows = model_registry.list_versions(uri, "quickstart-sft")
     assert rows[0].aliases == ["best"] and rows[0].metrics["rougeL_after"] == outcome.best.metric
     # models:/NAME@best is the best trial's published adapter, byte for byte.
     folder = tracking.resolve_adapter("models:/quickstart-sft@best", tracking_uri=uri)
