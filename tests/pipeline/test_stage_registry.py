@@ -11,7 +11,7 @@ import pytest
 from pydantic import Field
 
 from raypeft.cli import _summary
-from raypeft.pipeline import engine, tracking, workflow
+from raypeft.pipeline import launcher, tracking, workflow
 from raypeft.pipeline.adapter_inputs import resolve_stage_inputs, stage_fields
 from raypeft.pipeline.config import STAGES, ConfigError, DPOSpec, RunConfig, StageSection, parse_config
 from raypeft.pipeline.config.run import stage_sections
@@ -196,7 +196,7 @@ def test_the_workflow_runs_the_declared_loop(fake_dpo: dict, tmp_path: Path, mon
     def fit(loop, payload, cfg, **kwargs):
         raise Started(loop)
 
-    monkeypatch.setattr(engine, "fit", fit)
+    monkeypatch.setattr(launcher, "fit", fit)
     cfg = _cfg(tmp_path)
     with tracking.quiet_mlflow():
         experiment = tracking.connect(cfg.tracking_uri(), "registry-test", (tmp_path / "artifacts").as_uri())
