@@ -18,7 +18,8 @@ One step, on every worker:
    on each token), whitened over the response tokens of *every* worker (one all-reduce of the
    sums, then of the squared deviations: the whole batch's mean and population std), with the
    group mean subtracted from the scores first when ``num_generations > 1``;
-   ``filter_zero_variance`` leaves groups whose rewards are all equal out of the loss;
+   ``filter_zero_variance`` leaves groups whose rewards are all equal out of the loss (the
+   batch shrinks: DAPO's refill by sampling more prompts is not done);
 4. ``update_epochs`` passes in ``minibatches`` minibatches of whole groups: the clipped surrogate
    (``pipeline.rl_math.surrogate``: ``clip_low`` / ``clip_high``, ``loss_normalisation``), plus
    ``kl.coef`` times the k1/k3 KL to the reference (not for ``reinforce_pp``, whose KL is in the
@@ -30,9 +31,12 @@ One step, on every worker:
 With ``kl.coef: 0`` no training step runs the reference; with one inner pass and one minibatch
 the sampling policy's log-probs are not recomputed either (the update's forward is that policy,
 ratio 1). Everything runs with dropout off. Metrics per step: reward mean/std per source and
-total, group reward std, zero-variance and skipped group fractions, KL, entropy, completion
-length, clip fractions below/above, loss, tokens/s, peak memory; held-out reward of every source
-and KL before and after; ROUGE of greedy generations before and after.
+total (``reward/<label>/mean|std|skipped``), group reward std, zero-variance and skipped group
+fractions, KL (the loss's per-token estimator, mean over the update's tokens; only with
+``kl.coef > 0``), entropy, completion length, clip fractions below/above, loss, tokens/s, peak
+memory; held-out reward of every source (``eval_reward/<label>``, total ``eval_reward``) and
+sequence KL to the reference (k1 summed over the completion: the one use of the reference
+when ``kl.coef`` is 0) before and after; ROUGE of greedy generations before and after.
 """
 
 from __future__ import annotations
@@ -132,8 +136,8 @@ def compute_advantages(spec: GRPOSpec, scores: RewardScores, ro: rollout.Rollout
     if spec.algorithm in GROUP_ESTIMATORS:
         return GROUP_ESTIMATORS[spec.algorithm](total, g) * keep.float(), kept
     kl = None
-    if spec.kl.coef and ro.ref_logprobs is not None:
-        kl = kl_k1(ro.logprobs, ro.ref_logprobs) if ro.logprobs is not None else None
+    if spec.kl.coef and ro.ref_logprobs is not None and ro.logprobs is not None:
+        kl = kl_k1(ro.logprobs, ro.ref_logprobs)
     _, returns = reinforce_pp_advantages(total, ro.mask, kl=kl, kl_coef=spec.kl.coef, gamma=spec.gamma,
                                          num_generations=g if g > 1 else None)
     return global_whiten(returns, ro.mask * keep.unsqueeze(1)), kept
@@ -357,8 +361,10 @@ def train_loop(payload: dict[str, Any]) -> None:
 
     throughput = Throughput()
     started = time.perf_counter()
-    need_old = spec.update_epochs > 1 or spec.minibatches > 1
     need_ref = spec.kl.coef > 0
+    # The sampling policy's log-probs: the ratio's denominator after the first update, and
+    # REINFORCE++'s per-token KL reward.
+    need_old = spec.update_epochs > 1 or spec.minibatches > 1 or (need_ref and spec.algorithm == "reinforce_pp")
     step = state["step"]
     while step < total:
         t0 = time.perf_counter()
@@ -366,9 +372,8 @@ def train_loop(payload: dict[str, Any]) -> None:
         ids = common.epoch_batches(n_train, spec.prompts_per_step, worker, cfg.seed, epoch)[within]
         torch.manual_seed(cfg.seed * 100003 + step * 97 + worker.rank)  # sampling: reproducible per step
         group, scores = rollout_step(roles, prompt_set, rows, ids, functions, spec, tokenizer, collate, worker.device,
-                                     generate_kwargs, old_logprobs=need_old or (need_ref and spec.algorithm ==
-                                                                                  "reinforce_pp"),
-                                     reference=need_ref, num_generations=spec.num_generations)
+                                     generate_kwargs, old_logprobs=need_old, reference=need_ref,
+                                     num_generations=spec.num_generations)
         ro = group.rollout
         ro.advantages, kept = compute_advantages(spec, scores, ro)
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + step * 7919 + worker.rank)
