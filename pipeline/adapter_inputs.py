@@ -94,7 +94,7 @@ def resolve_stage_inputs(cfg: RunConfig, order: list[str]) -> Inputs:
             else:
                 resolved[role] = resolve(field, value, cfg, stage, order)
         for declared in definition.inputs:
-            if declared.reward_model:
+            if declared.reward_model and not (declared.optional and resolved[declared.role] is None):
                 _check_reward_model(fields[declared.role][0], resolved[declared.role], stage)
         out[stage] = resolved
     return out

@@ -27,6 +27,7 @@ from raypeft.pipeline.config.adapters import (
 )
 from raypeft.pipeline.config.base import ConfigError
 from raypeft.pipeline.config.data import Columns, DataSpec, PairColumns, PairDataSpec, PromptDataSpec
+from raypeft.pipeline.config.grpo import GRPOSpec, GroupKLSpec, RewardFunctionSpec
 from raypeft.pipeline.config.loading import apply_overrides, load_config, parse_config
 from raypeft.pipeline.config.model import ModelSpec, QuantizationSpec
 from raypeft.pipeline.config.run import STAGES, EvalSpec, RunConfig, ScalingSpec, StageName, TrackingSpec
@@ -35,9 +36,9 @@ from raypeft.pipeline.config.stages import (DPOSpec, GenerationSpec, KLSpec, PPO
 
 __all__ = [
     "ADAPTER_SPECS", "STAGES", "AdaLoraSpec", "AdapterSpec", "AdaptionPromptSpec", "BottleneckSpec", "Columns",
-    "ConfigError", "DPOSpec", "DataSpec", "EvalSpec", "GenerationSpec", "IA3Spec", "KLSpec", "LoHaSpec",
-    "LoKrSpec", "LoraSpec", "ModelSpec", "MultitaskPromptSpec", "PPOSpec", "PTuningSpec", "PairColumns",
-    "PairDataSpec", "PrefixSpec", "PromptDataSpec", "PromptSpec", "QuantizationSpec", "RewardSpec", "RunConfig",
-    "SFTSpec", "ScalingSpec", "StageName", "StageSection", "TrackingSpec", "apply_overrides", "load_config",
-    "parse_config",
+    "ConfigError", "DPOSpec", "DataSpec", "EvalSpec", "GRPOSpec", "GenerationSpec", "GroupKLSpec", "IA3Spec",
+    "KLSpec", "LoHaSpec", "LoKrSpec", "LoraSpec", "ModelSpec", "MultitaskPromptSpec", "PPOSpec", "PTuningSpec",
+    "PairColumns", "PairDataSpec", "PrefixSpec", "PromptDataSpec", "PromptSpec", "QuantizationSpec",
+    "RewardFunctionSpec", "RewardSpec", "RunConfig", "SFTSpec", "ScalingSpec", "StageName", "StageSection",
+    "TrackingSpec", "apply_overrides", "load_config", "parse_config",
 ]

@@ -13,6 +13,7 @@ from pydantic_core import PydanticCustomError
 from raypeft.pipeline.config.adapters import TASK_ID_STAGES, AdapterSpec, AdaLoraSpec, LoraSpec, MultitaskPromptSpec
 from raypeft.pipeline.config.base import StrictModel
 from raypeft.pipeline.config.data import DataSpec
+from raypeft.pipeline.config.grpo import GRPOSpec
 from raypeft.pipeline.config.model import ModelSpec
 from raypeft.pipeline.config.stages import DPOSpec, PPOSpec, RewardSpec, SFTSpec, StageSection
 from raypeft.pipeline.deepspeed_configs import resolve as resolve_deepspeed
@@ -86,6 +87,7 @@ class RunConfig(StrictModel):
     reward: RewardSpec = RewardSpec()
     dpo: DPOSpec = DPOSpec()
     ppo: PPOSpec = PPOSpec()
+    grpo: GRPOSpec = GRPOSpec()
     eval: EvalSpec = EvalSpec()
     scaling: ScalingSpec = ScalingSpec()
     failure: FailureSpec = FailureSpec()

@@ -1,5 +1,5 @@
-"""The per-stage sections (``sft``, ``reward``, ``dpo``, ``ppo``): optimisation settings and
-the adapter inputs of each stage.
+"""The per-stage sections (``sft``, ``reward``, ``dpo``, ``ppo``; ``grpo`` in ``pipeline.config.grpo``):
+optimisation settings and the adapter inputs of each stage.
 
 Every section derives from ``StageSection``: a ``RunConfig`` field of such a type is what makes
 its name a stage (``pipeline.config.run.STAGES``), and the stage's definition

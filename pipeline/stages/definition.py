@@ -32,14 +32,16 @@ class AdapterInput:
     """One input adapter of a stage: the role it fills and the config field (a dotted path) naming it.
 
     ``follows``: this is a reference role, and ``policy_init`` in its field means the input of the
-    role named here (``base``: no adapter). ``reward_model``: the input must be given and, when it
-    exists already, carry a value head (the output of a reward stage).
+    role named here (``base``: no adapter). ``reward_model``: the input must be given (unless
+    ``optional``: the stage has other reward sources) and, when it exists already, carry a value
+    head (the output of a reward stage).
     """
 
     role: str
     field: str
     follows: str | None = None
     reward_model: bool = False
+    optional: bool = False
 
     def raw(self, cfg: RunConfig) -> str | None:
         """The field's value as written in the config."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from raypeft.pipeline.config import STAGES, ConfigError, RunConfig
-from raypeft.pipeline.stages import dpo, ppo, reward, sft
+from raypeft.pipeline.stages import dpo, grpo, ppo, reward, sft
 from raypeft.pipeline.stages.definition import Stage
 
 DEFINED: tuple[Stage, ...] = (
@@ -20,6 +20,7 @@ DEFINED: tuple[Stage, ...] = (
     reward.STAGE,
     dpo.STAGE,
     ppo.STAGE,
+    grpo.STAGE,
 )
 
 

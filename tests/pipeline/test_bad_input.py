@@ -87,7 +87,7 @@ CASES = [
     # --- command line and stage wiring
     Case("set-without-value", ["--set", "adapter.r"], r"--set adapter\.r: expected dotted\.key=value"),
     Case("stage-not-in-config", ["--stage", "dpo"], r"--stage dpo: not a stage of this config \(stages: sft\)"),
-    Case("stage-unknown", S("stages=[train]"), r"stages\.0: input should be 'sft', 'reward', 'dpo' or 'ppo'"),
+    Case("stage-unknown", S("stages=[train]"), r"stages\.0: input should be 'sft', 'reward', 'dpo', 'ppo' or 'grpo'"),
     Case("input-from-later-stage", S("stages=[reward,sft]"),
          r"reward\.init_from: 'sft' runs after reward in this workflow"),
     Case("ppo-no-room", S("stages=[sft,reward,ppo]", "ppo.generation.max_new_tokens=250"),

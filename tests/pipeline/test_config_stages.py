@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("data, expected", [
     ({"stages": ["sft", "sft"]}, "stages: each stage may appear once, 'sft' appears 2 times"),
-    ({"stages": ["rlhf"]}, "stages.0: input should be 'sft', 'reward', 'dpo' or 'ppo'"),
+    ({"stages": ["rlhf"]}, "stages.0: input should be 'sft', 'reward', 'dpo', 'ppo' or 'grpo'"),
     ({"reward": {"init_from": " "}}, "reward.init_from: must not be blank"),
     ({"reward": {"batch_size": 0}}, "reward.batch_size: input should be greater than 0"),
     ({"reward": {"data": {"columns": {"chosn": "a"}}}}, "reward.data.columns.chosn: unknown key; did you mean 'chosen'?"),

@@ -16,14 +16,14 @@ from raypeft.pipeline.adapter_inputs import resolve_stage_inputs, stage_fields
 from raypeft.pipeline.config import STAGES, ConfigError, DPOSpec, RunConfig, StageSection, parse_config
 from raypeft.pipeline.config.run import stage_sections
 from raypeft.pipeline.preflight import preflight
-from raypeft.pipeline.stages import dpo, ppo, registry, reward, sft
+from raypeft.pipeline.stages import dpo, grpo, ppo, registry, reward, sft
 from raypeft.pipeline.stages.definition import AdapterInput, Stage
 from raypeft.pipeline.stages.registry import DEFINED, REGISTRY, build_registry, stage_batch, stage_named
 from raypeft.pipeline.workflow import StageOutcome
 from raypeft.tune.schema import SweepConfig
 
 
-class GrpoSpec(StageSection):
+class KtoSpec(StageSection):
     """A section a new stage would add (only what the backend needs, plus its inputs)."""
 
     policy_init: str | None = "sft"
@@ -35,20 +35,21 @@ class GrpoSpec(StageSection):
     max_grad_norm: float | None = 1.0
 
 
-class WithGrpo(RunConfig):
-    grpo: GrpoSpec = GrpoSpec()
+class WithKto(RunConfig):
+    kto: KtoSpec = KtoSpec()
 
 
-def _grpo_stage() -> Stage:
-    return dataclasses.replace(ppo.STAGE, name="grpo", section=GrpoSpec,
-                               inputs=(AdapterInput("policy", "grpo.policy_init"),
-                                       AdapterInput("reference", "grpo.reference", follows="policy")))
+def _kto_stage() -> Stage:
+    return dataclasses.replace(ppo.STAGE, name="kto", section=KtoSpec,
+                               inputs=(AdapterInput("policy", "kto.policy_init"),
+                                       AdapterInput("reference", "kto.reference", follows="policy")))
 
 
 # ------------------------------------------------------------------------------ one list
 
 def test_the_registry_covers_every_config_section_and_nothing_else() -> None:
-    assert list(REGISTRY) == list(STAGES) == list(stage_sections(RunConfig)) == ["sft", "reward", "dpo", "ppo"]
+    assert list(REGISTRY) == list(STAGES) == list(stage_sections(RunConfig)) == ["sft", "reward", "dpo", "ppo",
+                                                                                 "grpo"]
     for name, stage in REGISTRY.items():
         assert stage.name == name
         assert stage.section is RunConfig.model_fields[name].annotation
@@ -60,26 +61,26 @@ def test_the_registry_covers_every_config_section_and_nothing_else() -> None:
 
 
 def test_a_new_section_is_a_new_stage_name_and_needs_its_definition() -> None:
-    assert stage_sections(WithGrpo) == (*STAGES, "grpo")
-    with pytest.raises(TypeError, match="^stage section 'grpo' of RunConfig has no stage definition: add its "
+    assert stage_sections(WithKto) == (*STAGES, "kto")
+    with pytest.raises(TypeError, match="^stage section 'kto' of RunConfig has no stage definition: add its "
                                         "module's STAGE to pipeline.stages.registry.DEFINED$"):
-        build_registry(DEFINED, WithGrpo, stage_sections(WithGrpo))
-    grown = build_registry((*DEFINED, _grpo_stage()), WithGrpo, stage_sections(WithGrpo))
-    assert list(grown) == [*STAGES, "grpo"]
-    cfg = WithGrpo(grpo={"reference": "base"})
-    assert grown["grpo"].input_fields(cfg) == {"policy": ("grpo.policy_init", "sft"),
-                                               "reference": ("grpo.reference", None)}
+        build_registry(DEFINED, WithKto, stage_sections(WithKto))
+    grown = build_registry((*DEFINED, _kto_stage()), WithKto, stage_sections(WithKto))
+    assert list(grown) == [*STAGES, "kto"]
+    cfg = WithKto(kto={"reference": "base"})
+    assert grown["kto"].input_fields(cfg) == {"policy": ("kto.policy_init", "sft"),
+                                              "reference": ("kto.reference", None)}
 
 
 @pytest.mark.parametrize("defined, message", [
-    (DEFINED[:-1], "stage section 'ppo' of RunConfig has no stage definition"),
-    ((*DEFINED, dataclasses.replace(sft.STAGE, name="grpo")),
-     "stage 'grpo' has no config section: add a StageSection field 'grpo' to RunConfig"),
+    (DEFINED[:-1], "stage section 'grpo' of RunConfig has no stage definition"),
+    ((*DEFINED, dataclasses.replace(sft.STAGE, name="kto")),
+     "stage 'kto' has no config section: add a StageSection field 'kto' to RunConfig"),
     ((*DEFINED, sft.STAGE), "stage 'sft' is defined twice"),
-    ((sft.STAGE, dataclasses.replace(reward.STAGE, section=DPOSpec), dpo.STAGE, ppo.STAGE),
+    ((sft.STAGE, dataclasses.replace(reward.STAGE, section=DPOSpec), dpo.STAGE, ppo.STAGE, grpo.STAGE),
      "stage 'reward': its section is DPOSpec, but RunConfig.reward is RewardSpec"),
     ((sft.STAGE, dataclasses.replace(reward.STAGE, inputs=(AdapterInput("init", "reward.init_form"),)), dpo.STAGE,
-      ppo.STAGE), "stage 'reward': input 'init' names 'reward.init_form', which is not a config field"),
+      ppo.STAGE, grpo.STAGE), "stage 'reward': input 'init' names 'reward.init_form', which is not a config field"),
 ])
 def test_a_stage_missing_a_part_fails_when_the_registry_is_built(defined: tuple, message: str) -> None:
     with pytest.raises(TypeError, match=f"^{message}"):
@@ -100,12 +101,12 @@ def test_a_definition_or_section_missing_a_part_fails_when_it_is_made() -> None:
 
 def test_an_unknown_stage_is_an_error_never_another_stages_inputs(tmp_path: Path) -> None:
     cfg = parse_config({"name": "t", "output_dir": str(tmp_path)})
-    with pytest.raises(ConfigError, match="^stages: unknown stage 'grpo'$"):
-        stage_named("grpo")
-    with pytest.raises(ConfigError, match="^stages: unknown stage 'grpo'$"):
-        resolve_stage_inputs(cfg, ["grpo"])
-    with pytest.raises(ConfigError, match="^stages: unknown stage 'grpo'$"):
-        stage_batch(cfg, "grpo")
+    with pytest.raises(ConfigError, match="^stages: unknown stage 'kto'$"):
+        stage_named("kto")
+    with pytest.raises(ConfigError, match="^stages: unknown stage 'kto'$"):
+        resolve_stage_inputs(cfg, ["kto"])
+    with pytest.raises(ConfigError, match="^stages: unknown stage 'kto'$"):
+        stage_batch(cfg, "kto")
 
 
 # ------------------------------------------------------------------------------ each part is read

@@ -50,7 +50,7 @@ def _minimal(**extra) -> dict:
     (_minimal(resources={"gpus_per_worker": -0.5}), "resources.gpus_per_worker: input should be greater than or"),
     (_minimal(registry={"alias": "v3"}), "registry.alias: must be letters"),
     (_minimal(num_samples=0), "num_samples: input should be greater than 0, got 0"),
-    (_minimal(stage="pretrain"), "stage: input should be 'sft', 'reward', 'dpo' or 'ppo'"),
+    (_minimal(stage="pretrain"), "stage: input should be 'sft', 'reward', 'dpo', 'ppo' or 'grpo'"),
     (_minimal(name="my sweep"), "name: must be letters"),
     (_minimal(mtric="rougeL_after"), "mtric: unknown key; known keys: name, base_config"),
 ])
