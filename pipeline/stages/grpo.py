@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from raypeft.pipeline import engine, guards, group_rollout, rollout, tracking
+from raypeft.pipeline import engine, group_rollout, nonfinite_loss, rollout, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import ConfigError, GRPOSpec, RunConfig
 from raypeft.pipeline.config.grpo import REWARD_MODEL_LABEL, SFT_ROWS_SOURCE
@@ -188,7 +188,7 @@ def update(roles: Roles, ro: rollout.Rollout, keep_rows: torch.Tensor, spec: GRP
                                          max_length=spec.generation.max_new_tokens, kl_penalty=penalty,
                                          ref_logprobs=batch.get("ref_logprobs"))
             loss = out.loss * loss_scale(spec, rows_n, tokens_n, global_rows, global_tokens, world_size)
-            guards.check_finite(loss, stage=NAME, step=step)
+            nonfinite_loss.check_finite(loss, stage=NAME, step=step)
             backend.backward(loss)
             backend.step()
             if rows_n:
