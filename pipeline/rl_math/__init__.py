@@ -33,8 +33,8 @@ from raypeft.pipeline.rl_math.group_advantages import (
     rloo_advantages,
 )
 from raypeft.pipeline.rl_math.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, KLPenalty, kl_k1, kl_k3
-from raypeft.pipeline.rl_math.ppo import (PolicyLossOut, clipped_policy_loss, clipped_value_loss, gae,
-                                          kl_penalised_rewards)
+from raypeft.pipeline.rl_math.ppo import (PolicyLossOut, clipped_policy_loss, clipped_value_loss, explained_variance,
+                                          gae, kl_penalised_rewards)
 from raypeft.pipeline.rl_math.preference import DPO_LOSSES, bradley_terry_loss, dpo_loss
 from raypeft.pipeline.rl_math.masked import masked_mean, masked_var, masked_whiten
 from raypeft.pipeline.rl_math.surrogate import (LOSS_NORMALISATIONS, SurrogateOut, aggregate_token_loss,
@@ -45,7 +45,7 @@ __all__ = [
     "DPO_LOSSES", "GROUP_ESTIMATORS", "KL_ESTIMATORS", "LOSS_NORMALISATIONS", "AdaptiveKLController",
     "FixedKLController", "GroupFilter", "KLPenalty", "PolicyLossOut", "SurrogateOut", "aggregate_token_loss",
     "bradley_terry_loss", "clipped_policy_loss", "clipped_surrogate_loss", "clipped_value_loss", "discounted_returns",
-    "dpo_loss", "dr_grpo_advantages", "entropy_from_logits", "filter_groups", "flat_groups", "gae", "group_std",
+    "dpo_loss", "dr_grpo_advantages", "entropy_from_logits", "explained_variance", "filter_groups", "flat_groups", "gae", "group_std",
     "grouped", "grpo_advantages", "kl_k1", "kl_k3", "kl_penalised_rewards", "last_token_index", "masked_mean",
     "masked_var", "masked_whiten", "reinforce_pp_advantages", "rloo_advantages", "token_logprobs",
 ]

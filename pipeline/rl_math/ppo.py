@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raypeft.pipeline.rl_math.masked import masked_mean
+from raypeft.pipeline.rl_math.masked import masked_mean, masked_var
 
 
 def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -46,6 +46,19 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = running
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var(R - V) / Var(R)`` over the masked tokens: how much of the returns the critic predicts.
+
+    1 is a perfect critic, 0 one no better than a constant (a zero value head), below 0 a critic
+    whose errors are larger than the returns' own spread; its values then put noise of that size
+    into every ``delta_t = r_t + V_{t+1} - V_t``, and the advantages stop following the score.
+    A reward model's head read at prefix tokens (it was trained on the last token only) starts
+    there: on the demo, -3.9 on the first rollout (a zero head: 0).
+    """
+    var_returns = masked_var(returns, mask)
+    return 1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,18 @@
 Roles (``pipeline.roles``): ``policy`` (trainable; from ``ppo.policy_init``, the SFT output by
 default), ``reference`` (frozen: a copy of the policy's starting adapter, or the bare base),
 ``reward`` (frozen adapter + value head from the reward stage) and ``critic`` (trainable adapter
-+ value head, started from the reward model by default). One copy of the base weights serves
-all four; a role switch is an adapter switch.
++ value head; by default the reward model's adapter with a zero head). One copy of the base
+weights serves all four; a role switch is an adapter switch.
+
+The critic's start matters: a reward model's head was trained on the last token of a finished
+response only, and read at every prefix token it can swing by more than the scores spread
+(demo: values -7.7..+4.4 along one response scored 2.8; explained variance of the returns
+-3.9), so the first steps' advantages follow the critic's errors, not the score, and the policy
+drifts before the critic is refit (quickstart: held-out reward 3.22 -> 3.11). So a critic
+started from the reward model keeps its adapter but starts with a zero head (``build_roles``):
+the first advantages are then the whitened KL-shaped returns. ``value_explained_variance``
+(logged each step; a warning at step 1 below -1) shows a critic that starts worse than a
+constant.
 
 One step, on every worker:
 
@@ -32,6 +42,7 @@ KL, response length, tokens/s and peak memory; ROUGE of greedy generations befor
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +56,7 @@ from raypeft.pipeline.modeling import adapter_config, load_base_model, load_toke
 from raypeft.pipeline.preflight_checks import Warn
 from raypeft.pipeline.resources import Throughput, reset_gpu_peaks, worker_memory
 from raypeft.pipeline.rl_math import (AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss,
-                                      gae, kl_penalised_rewards, masked_mean, masked_whiten)
+                                      explained_variance, gae, kl_penalised_rewards, masked_mean, masked_whiten)
 from raypeft.pipeline.roles import Roles, has_value_head
 from raypeft.pipeline.rollout import Rollout
 from raypeft.pipeline.stages import common
@@ -59,7 +70,10 @@ def build_roles(cfg: RunConfig, base: torch.nn.Module, inputs: dict[str, str | N
     """The four PPO roles on one base; ``inputs`` maps policy/reference/reward/critic to folders.
 
     ``reference`` None: the base with adapters disabled; ``policy`` or ``critic`` None: a fresh
-    adapter from the ``adapter`` block (the critic then with a zero value head).
+    adapter from the ``adapter`` block (the critic then with a zero value head). A critic started
+    from the reward model itself takes its adapter but a zero head: that head scores a finished
+    response at its last token and is no value function at the prefix tokens a critic is read at
+    (see the module docstring); a critic folder of its own (a value head trained as one) keeps it.
     """
     roles = Roles(base)
     fresh = adapter_config(cfg.adapter, cfg.model)
@@ -73,11 +87,16 @@ def build_roles(cfg: RunConfig, base: torch.nn.Module, inputs: dict[str, str | N
     roles.add(REWARD, inputs["reward"], trainable=False, value_head="file")
     critic = inputs.get("critic")
     if critic is not None:
-        roles.add(CRITIC, critic, trainable=True, value_head="file" if has_value_head(critic) else "zero")
+        own_head = has_value_head(critic) and not same_folder(critic, inputs["reward"])
+        roles.add(CRITIC, critic, trainable=True, value_head="file" if own_head else "zero")
     else:
         roles.add(CRITIC, fresh, trainable=True, value_head="zero")
     roles.primary = POLICY
     return roles
+
+
+def same_folder(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def kl_controller(spec: PPOSpec, coef: float | None = None):
@@ -184,7 +203,8 @@ def rollout_stats(ro: Rollout, kl_coef: float) -> dict[str, float]:
     return {"reward_mean": ro.scores.mean().item(), "reward_std": ro.scores.std(unbiased=False).item(),
             "kl": kl_seq.mean().item(), "kl_coef": kl_coef, "non_score_reward": (-kl_coef * kl_seq).mean().item(),
             "response_length": mask.sum(1).mean().item(), "eos_fraction": ro.ended.float().mean().item(),
-            "value_mean": masked_mean(ro.values, mask).item(), "return_mean": masked_mean(ro.returns, mask).item()}
+            "value_mean": masked_mean(ro.values, mask).item(), "return_mean": masked_mean(ro.returns, mask).item(),
+            "value_explained_variance": explained_variance(ro.values, ro.returns, mask).item()}
 
 
 # ------------------------------------------------------------------------------- worker
@@ -277,6 +297,10 @@ def train_loop(payload: dict[str, Any]) -> None:
         metrics.update({k: max(m[k] for m in memory) for k in memory[0]})
         metrics["tokens_per_s"] = engine.all_reduce([n_tokens / (time.perf_counter() - t0)], op="sum")[0]
         metrics["learning_rate"] = backend.lr()
+        if step == 1 and worker.is_main and metrics["value_explained_variance"] < -1.0:
+            engine.say(f"[ppo] warning: the critic's start explains {metrics['value_explained_variance']:.2f} of the "
+                       "returns' variance (below 0: worse than a constant), and its errors drown the advantages "
+                       "until it is refit (ppo.critic_init: null starts a fresh critic with a zero head)")
         if step % spec.log_every == 0 or step == total:
             logger.log(metrics, step=step)
             if worker.is_main:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from raypeft.pipeline.rl_math import (AdaptiveKLController, FixedKLController, bradley_terry_loss, clipped_policy_loss,
-                              clipped_value_loss, dpo_loss, entropy_from_logits, gae, kl_penalised_rewards,
+                              clipped_value_loss, dpo_loss, entropy_from_logits, explained_variance, gae,
+                              kl_penalised_rewards,
                               last_token_index, masked_mean, masked_var, masked_whiten, token_logprobs)
 
 
@@ -103,6 +104,44 @@ def test_kl_penalised_rewards_put_the_score_on_the_last_token() -> None:
     rewards, kl = kl_penalised_rewards(torch.tensor([2.0, -1.0]), logprobs, ref, mask, kl_coef=0.1)
     assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0], [0.5, 0.5, 0.0]]))
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-0.05, -0.05 - 1.0, 0.0]]))
+
+
+def test_explained_variance_by_hand() -> None:
+    returns = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert float(explained_variance(returns.clone(), returns, mask)) == pytest.approx(1.0)  # a perfect critic
+    assert float(explained_variance(torch.zeros_like(returns), returns, mask)) == pytest.approx(0.0)  # a constant
+    values = torch.tensor([[2.0, 1.0, 3.0], [4.0, 7.0, -50.0]])  # errors -1, 1, 0, 0, -2; the masked -50 ignored
+    errors, real = [-1.0, 1.0, 0.0, 0.0, -2.0], [1.0, 2.0, 3.0, 4.0, 5.0]
+
+    def var(xs):
+        mean = sum(xs) / len(xs)
+        return sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+
+    assert float(explained_variance(values, returns, mask)) == pytest.approx(1.0 - var(errors) / var(real))
+
+
+def test_a_critic_that_swings_along_the_response_scrambles_the_advantages() -> None:
+    """What a reward model's head does read at prefix tokens (it was trained on the last token
+    only): values that swing by more than the scores spread. GAE then follows the critic's errors,
+    not the score, and the explained variance of the returns is far below 0; with a zero head most
+    tokens' (whitened) advantages stay on the side of their row's score."""
+    torch.manual_seed(0)
+    rows, steps = 64, 12
+    scores = torch.randn(rows) * 1.3 + 3.4  # the demo reward model's spread on SFT samples
+    mask = torch.ones(rows, steps)
+    rewards, _ = kl_penalised_rewards(scores, torch.zeros(rows, steps), torch.zeros(rows, steps), mask, kl_coef=1.0)
+    centred = (scores - scores.mean()).unsqueeze(1).expand(rows, steps)
+
+    def sign_agreement(values):
+        adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+        white = masked_whiten(adv, mask)
+        return float(((white > 0) == (centred > 0)).float().mean()), float(explained_variance(values, ret, mask))
+
+    zero_agree, zero_ev = sign_agreement(torch.zeros(rows, steps))
+    swing_agree, swing_ev = sign_agreement(torch.randn(rows, steps) * 4.0 - 3.4)
+    assert zero_agree > 0.8 and zero_ev == pytest.approx(0.0)  # 0.84: lambda < 1 shrinks early tokens' share
+    assert swing_agree < 0.65 and swing_ev < -1.0  # 0.55, a coin flip; -8.1
 
 
 def _policy_loss_reference(new, old, adv, mask, eps):

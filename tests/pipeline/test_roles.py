@@ -139,6 +139,9 @@ def test_one_backward_reaches_policy_and_critic_only(cfg, adapter_folders) -> No
                                             "reference": str(adapter_folders["sft"]),
                                             "reward": str(adapter_folders["reward"]),
                                             "critic": str(adapter_folders["reward"])})
+    # The critic starts with a zero head (build_roles), which passes no gradient to its adapter
+    # on the first backward; a critic some steps in does.
+    _perturb(roles.trainable_parameters(ppo.CRITIC))
     ids, mask = _batch()
     loss = roles.logits(ppo.POLICY, ids, mask).logsumexp(-1).mean()
     with torch.no_grad():  # frozen roles in between must not freeze the trainable ones
@@ -193,6 +196,32 @@ def test_scores_read_the_last_non_padding_token(cfg, adapter_folders) -> None:
         every = roles.values("reward", ids, mask)
         scores = roles.scores("reward", ids, mask)
     assert torch.allclose(scores, torch.stack([every[0, 6], every[1, 4], every[2, 2]]))
+
+
+def test_a_critic_from_the_reward_model_takes_its_adapter_and_a_zero_head(cfg, adapter_folders,
+                                                                          tmp_path: Path) -> None:
+    """The reward model's head scores a finished response at its last token; read at every prefix
+    token as a critic it swung by more than the scores spread (quickstart: explained variance
+    -3.9) and PPO's first steps followed its errors. A critic folder of its own keeps its head."""
+    ids, mask = _batch()
+    inputs = {"policy": str(adapter_folders["sft"]), "reference": str(adapter_folders["sft"]),
+              "reward": str(adapter_folders["reward"]), "critic": str(adapter_folders["reward"])}
+    roles = ppo.build_roles(cfg, _llama(), inputs)
+    with torch.no_grad():
+        assert torch.count_nonzero(roles.values(ppo.CRITIC, ids, mask)) == 0
+        assert torch.count_nonzero(roles.scores(ppo.REWARD, ids, mask)) == 3  # the reward keeps its head
+    reward_weights = roles.model.adapter_state_dict(ppo.REWARD)
+    critic_weights = roles.model.adapter_state_dict(ppo.CRITIC)
+    assert reward_weights.keys() == critic_weights.keys()
+    assert all(torch.equal(reward_weights[k], critic_weights[k]) for k in reward_weights)  # ... and its adapter
+
+    _perturb(roles.trainable_parameters(ppo.CRITIC))  # a critic trained by PPO, saved as its own folder
+    roles.save(ppo.CRITIC, tmp_path / "critic")
+    with torch.no_grad():
+        trained = roles.values(ppo.CRITIC, ids, mask)
+    again = ppo.build_roles(cfg, _llama(), {**inputs, "critic": str(tmp_path / "critic")})
+    with torch.no_grad():
+        assert torch.allclose(again.values(ppo.CRITIC, ids, mask), trained, atol=1e-6)
 
 
 def test_multi_role_checkpoint_round_trip(cfg, adapter_folders, tmp_path: Path) -> None:
