@@ -128,8 +128,10 @@ class PPOSpec(StageSection):
 
     Each of ``max_steps`` steps samples ``rollout_batch_size`` prompts per worker, scores the
     responses, then runs ``ppo_epochs`` passes over them in ``minibatches`` minibatches.
-    ``critic_init``: the adapter and value head the critic starts from (default: the reward
-    model's); null: a fresh adapter from the ``adapter`` block and a zero value head. The last
+    ``critic_init``: the adapter the critic starts from (default: the reward model's, with a zero
+    value head: the reward head scores whole responses, not the partial ones a critic is read at;
+    a critic folder of its own keeps its head); null: a fresh adapter from the ``adapter`` block
+    and a zero value head. The last
     ``eval_prompts`` prompts are held out: the policy's mean reward and KL on them are measured
     before training, every ``eval_every`` steps and after.
     """
