@@ -348,7 +348,14 @@ def _register_best(prep: PreparedSweep, best: TrialRow, parent: str) -> tuple[st
 
 # ------------------------------------------------------------------------------ driver
 
-def run_sweep(prep: PreparedSweep, log: Callable[[str], None] = print) -> SweepOutcome:
+def say(message: str) -> None:
+    """The default progress line. A module function rather than the builtin ``print`` itself: Tune
+    pickles its callbacks (``TrialProgress`` holds this), and Ray Train swaps ``builtins.print``
+    at run time, after which the builtin bound at import no longer pickles by reference."""
+    print(message)
+
+
+def run_sweep(prep: PreparedSweep, log: Callable[[str], None] = say) -> SweepOutcome:
     """Run a prepared sweep (``prepare``) and return its rows, best trial and registered version."""
     sweep, cfg = prep.sweep, prep.base_cfg
     started = time.time()
