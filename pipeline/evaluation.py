@@ -109,6 +109,8 @@ def generate_responses(
     do_sample: bool = False,
     device: torch.device | str | None = None,
     row_inputs: dict[str, torch.Tensor] | None = None,
+    engine: Any = None,
+    adapter: str | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """The model's response to each prompt, in order: only the new text, cut at eos, stripped.
@@ -123,6 +125,9 @@ def generate_responses(
     wrapper that forwards it). Prompts are generated longest first in batches of
     ``batch_size`` (less padding), and returned in the order given. The model runs in eval
     mode without gradients and is put back in train mode afterwards if it was.
+
+    ``engine``: a causal LM's generation goes through this ``pipeline.rollout_engine.RolloutEngine``
+    (its batch size, folded adapter ``adapter``, cache and buckets) instead of a plain ``generate``.
     """
     if batch_size <= 0:
         raise ValueError(f"generate_responses: batch_size must be positive, got {batch_size}")
@@ -151,6 +156,15 @@ def generate_responses(
                     kwargs["eos_token_id"] = sorted(eos)
                 kwargs.update(generate_kwargs)
                 kwargs.update({k: v[ids].to(device) for k, v in (row_inputs or {}).items()})
+                if engine is not None and not is_seq2seq:
+                    rows = {k: v[ids].to(device) for k, v in (row_inputs or {}).items()}
+                    new = engine.generate(model, adapter, enc["input_ids"], enc["attention_mask"], pad_token_id=pad_id,
+                                          eos_token_id=kwargs.pop("eos_token_id", None), sampling={"do_sample": do_sample},
+                                          generate_kwargs=generate_kwargs, row_inputs=rows,
+                                          max_new_tokens=max_new_tokens).tolist()
+                    for i, row in zip(ids, new):
+                        outputs[i] = tokenizer.decode(_cut(row, stop), skip_special_tokens=True).strip()
+                    continue
                 out = model.generate(**enc, **kwargs)
                 if is_seq2seq:
                     start_id = _decoder_start(model)

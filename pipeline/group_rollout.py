@@ -56,7 +56,7 @@ def decode_completions(ro: Rollout, tokenizer: Any) -> list[str]:
 def sample_groups(roles: Roles, policy: str, prompt_set: Any, rows: Any, ids: Sequence[int], *,
                   num_generations: int, prompt_column: str, generation: GenerationSpec, tokenizer: Any,
                   collate: Callable[[list[Any]], dict[str, torch.Tensor]], device: torch.device,
-                  generate_kwargs: dict[str, Any] | None = None) -> GroupRollout:
+                  generate_kwargs: dict[str, Any] | None = None, engine: Any = None) -> GroupRollout:
     """Sample ``num_generations`` completions of each prompt row ``ids`` with role ``policy``.
 
     ``prompt_set``: the tokenized prompts (``input_ids`` per row); ``rows``: the same rows with
@@ -64,7 +64,7 @@ def sample_groups(roles: Roles, policy: str, prompt_set: Any, rows: Any, ids: Se
     """
     expanded = repeat_groups(ids, num_generations)
     batch = {k: v.to(device) for k, v in collate([prompt_set[j] for j in expanded]).items()}
-    ro = rollout.sample(roles, policy, batch, generation, tokenizer, generate_kwargs)
+    ro = rollout.sample(roles, policy, batch, generation, tokenizer, generate_kwargs, engine)
     picked = rows[expanded]  # {column: [P * G values]}
     prompts = [str(p) for p in picked.pop(prompt_column)]
     return GroupRollout(ro, num_generations, expanded, prompts, picked, decode_completions(ro, tokenizer))

@@ -20,6 +20,7 @@ import torch
 from raypeft.pipeline.config import GenerationSpec
 from raypeft.pipeline.rl_math import entropy_from_logits, token_logprobs
 from raypeft.pipeline.roles import Roles
+from raypeft.pipeline.rollout_engine import RolloutEngine
 
 
 @dataclass
@@ -111,18 +112,20 @@ def token_values(roles: Roles, role: str, rows: dict[str, torch.Tensor]) -> torc
 
 @torch.no_grad()
 def sample(roles: Roles, policy: str, prompts: dict[str, torch.Tensor], generation: GenerationSpec, tokenizer,
-           generate_kwargs: dict[str, Any] | None = None) -> Rollout:
+           generate_kwargs: dict[str, Any] | None = None, engine: RolloutEngine | None = None) -> Rollout:
     """Responses of role ``policy`` to ``prompts`` (left-padded), re-packed on the prompts' device.
 
-    ``generate_kwargs``: the backend's (``synced_gpus`` under multi-worker ZeRO-3).
+    ``generate_kwargs``: the backend's (``synced_gpus`` under multi-worker ZeRO-3); ``engine``: the
+    stage's rollout engine (it keeps a folded copy of the policy between steps), else a fresh one.
     """
     g = generation
+    engine = engine if engine is not None else RolloutEngine(g)
     with roles.use(policy) as model:
-        out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
-                             do_sample=True, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                             top_k=g.top_k, top_p=g.top_p, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **(generate_kwargs or {}))
-    generated = out[:, prompts["input_ids"].shape[1]:].cpu()
+        generated = engine.generate(model, None if roles.is_base(policy) else policy, prompts["input_ids"], prompts["attention_mask"],
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                    sampling=dict(do_sample=True, temperature=g.temperature, top_k=g.top_k,
+                                                  top_p=g.top_p),
+                                    generate_kwargs=generate_kwargs).cpu()
     device = prompts["input_ids"].device
     ro = pack(prompts["input_ids"].cpu(), prompts["attention_mask"].cpu(), generated, tokenizer.eos_token_id,
               tokenizer.pad_token_id)

@@ -102,12 +102,27 @@ class DPOSpec(_PairStageSpec):
 
 
 class GenerationSpec(StrictModel):
-    """How PPO samples responses (``generate`` settings); log-probs use the same temperature."""
+    """How an online stage samples responses (``generate`` settings; log-probs use the same
+    temperature) and how the rollout engine (``pipeline.rollout_engine``) runs them.
+
+    The engine settings change speed and memory, never the distribution sampled from:
+    ``batch_size`` rows per ``generate`` call (None: the whole rollout batch at once; independent
+    of the training minibatches); ``fold_adapter`` samples from a folded generation copy of the
+    policy's weights (``W0 + delta``, a dense copy in the compute dtype; LoRA family only, not
+    under ZeRO-3; other adapters sample unmerged); ``cache: static`` preallocates the KV cache,
+    which ``compile`` lets transformers compile the decode step over (CUDA); ``prompt_bucket``
+    left-pads prompts to a multiple of it so a static cache sees few distinct shapes.
+    """
 
     max_new_tokens: int = Field(default=48, gt=0)
     temperature: float = Field(default=1.0, gt=0)
     top_k: int = Field(default=0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    batch_size: int | None = Field(default=None, gt=0)
+    fold_adapter: bool = False
+    cache: Literal["dynamic", "static"] = "dynamic"
+    compile: bool = False
+    prompt_bucket: int = Field(default=0, ge=0)
 
 
 class KLSpec(StrictModel):

@@ -66,8 +66,10 @@ def eval_shard(n_rows: int, worker: engine.Worker, batch_size: int, backend: Bac
 
 
 def held_out_rouge(model, tokenizer, rows, cfg: RunConfig, worker: engine.Worker,
-                   backend: Backend | None = None) -> dict[str, float]:
-    """ROUGE of greedy generations on the held-out SFT rows; each worker generates its shard."""
+                   backend: Backend | None = None, rollout_engine: Any = None,
+                   adapter: str | None = None) -> dict[str, float]:
+    """ROUGE of greedy generations on the held-out SFT rows; each worker generates its shard
+    (through ``rollout_engine`` with adapter ``adapter`` active, when given: the policy stages)."""
     prompts = [cfg.data.prompt_template.format(prompt=p) for p in rows[cfg.data.columns.prompt]]
     references = list(rows[cfg.data.columns.response])
     shard = eval_shard(len(prompts), worker, cfg.eval.batch_size, backend)
@@ -77,6 +79,7 @@ def held_out_rouge(model, tokenizer, rows, cfg: RunConfig, worker: engine.Worker
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
         is_seq2seq=cfg.model.task_type == "SEQ_2_SEQ_LM", device=worker.device,
         row_inputs=None if task_ids is None else {"task_ids": torch.tensor([task_ids[i or 0] for i in shard])},
+        engine=rollout_engine, adapter=adapter,
         **(backend.generate_kwargs() if backend is not None else {}),
     )
     mine = [i for i in shard if i is not None]

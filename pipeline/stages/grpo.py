@@ -61,8 +61,10 @@ from raypeft.pipeline.rewards.loading import CALL_KEYWORDS
 from raypeft.pipeline.rl_math import (GROUP_ESTIMATORS, KLPenalty, clipped_surrogate_loss, filter_groups, group_std,
                                       kl_k1, masked_mean, reinforce_pp_advantages)
 from raypeft.pipeline.roles import Roles
+from raypeft.pipeline.rollout_engine import RolloutEngine
 from raypeft.pipeline.stages import common
 from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
+from raypeft.pipeline.stages.policy_eval import PolicyEvaluation
 
 NAME = "grpo"
 POLICY, REFERENCE, REWARD = "policy", "reference", "reward"
@@ -221,12 +223,13 @@ def update_metrics(sums: dict[str, float]) -> dict[str, float]:
 
 def rollout_step(roles: Roles, prompt_set, rows, ids: list[int], functions: list[RewardFunction], spec: GRPOSpec,
                  tokenizer, collate: PromptCollator, device: torch.device, generate_kwargs: dict[str, Any],
-                 *, old_logprobs: bool, reference: bool, num_generations: int) -> tuple[GroupRollout, RewardScores]:
+                 *, old_logprobs: bool, reference: bool, num_generations: int,
+                 rollout_engine: RolloutEngine | None = None) -> tuple[GroupRollout, RewardScores]:
     """Sample the groups of prompt rows ``ids``, score their tokens and rewards."""
     group = group_rollout.sample_groups(roles, POLICY, prompt_set, rows, ids, num_generations=num_generations,
                                         prompt_column=spec.data.column, generation=spec.generation,
                                         tokenizer=tokenizer, collate=collate, device=device,
-                                        generate_kwargs=generate_kwargs)
+                                        generate_kwargs=generate_kwargs, engine=rollout_engine)
     chunk = max(1, len(group.row_ids) // spec.minibatches)
     has_rm = REWARD in roles.roles
     group_rollout.score_tokens(roles, group.rollout, chunk=chunk, temperature=spec.generation.temperature,
@@ -240,7 +243,7 @@ def rollout_step(roles: Roles, prompt_set, rows, ids: list[int], functions: list
 @torch.no_grad()
 def evaluate(roles: Roles, prompt_set, rows, eval_ids: list[int], functions: list[RewardFunction], spec: GRPOSpec,
              tokenizer, collate: PromptCollator, worker: engine.Worker, seed: int,
-             backend: Backend | None = None) -> dict[str, float]:
+             backend: Backend | None = None, rollout_engine: RolloutEngine | None = None) -> dict[str, float]:
     """Mean reward of every source and of the total (``eval_reward``), KL to the reference (sum over
     the response, k1) and completion length, for one sampled completion of each held-out prompt
     (sharded over workers; seeded, so a repeat on the same policy samples the same; padded
@@ -255,7 +258,8 @@ def evaluate(roles: Roles, prompt_set, rows, eval_ids: list[int], functions: lis
         part = shard[i:i + size]
         ids = [eval_ids[j] if j is not None else eval_ids[0] for j in part]
         group, scores = rollout_step(roles, prompt_set, rows, ids, functions, spec, tokenizer, collate, worker.device,
-                                     generate_kwargs, old_logprobs=True, reference=True, num_generations=1)
+                                     generate_kwargs, old_logprobs=True, reference=True, num_generations=1,
+                                     rollout_engine=rollout_engine)
         keep = [j is not None for j in part]
         ro = group.rollout
         kl = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1)
@@ -347,17 +351,12 @@ def train_loop(payload: dict[str, Any]) -> None:
         logger.log({"trainable_params": n_params, "prompts": n_train, "base_params": census["base_params"],
                     "base_params_missing": census["base_missing"], "non_base_non_role_params": census["other_params"],
                     "reference_is_base": float(roles.is_base(REFERENCE))}, step=0)
-    if cfg.eval.rouge and "rouge_before" not in state:
-        with roles.use(POLICY) as model:
-            state["rouge_before"] = common.held_out_rouge(model, tokenizer, held_out, cfg, worker, backend)
-        logger.log({f"{k}_before": v for k, v in state["rouge_before"].items()}, step=0)
-    if spec.eval_prompts and "eval_before" not in state:
-        state["eval_before"] = evaluate(roles, prompt_set, rows, eval_ids, functions, spec, tokenizer, collate,
-                                        worker, cfg.seed, backend)
-        logger.log(state["eval_before"], step=0)
-        if worker.is_main:
-            engine.say(f"[grpo] held-out reward {state['eval_before'].get('eval_reward', float('nan')):.3f} "
-                       "before training")
+    gen_engine = RolloutEngine(spec.generation)
+    reward_eval = (lambda: evaluate(roles, prompt_set, rows, eval_ids, functions, spec, tokenizer, collate, worker,
+                                    cfg.seed, backend, gen_engine)) if spec.eval_prompts else None
+    report = PolicyEvaluation(NAME, cfg, roles, POLICY, tokenizer, worker, backend, logger, held_out, reward_eval,
+                              gen_engine)
+    report.before(state)
 
     throughput = Throughput()
     started = time.perf_counter()
@@ -372,7 +371,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         ids = common.epoch_batches(n_train, spec.prompts_per_step, worker, cfg.seed, epoch)[within]
         torch.manual_seed(cfg.seed * 100003 + step * 97 + worker.rank)  # sampling: reproducible per step
         group, scores = rollout_step(roles, prompt_set, rows, ids, functions, spec, tokenizer, collate, worker.device,
-                                     generate_kwargs, old_logprobs=need_old, reference=need_ref,
+                                     generate_kwargs, old_logprobs=need_old, reference=need_ref, rollout_engine=gen_engine,
                                      num_generations=spec.num_generations)
         ro = group.rollout
         ro.advantages, kept = compute_advantages(spec, scores, ro)
@@ -400,31 +399,13 @@ def train_loop(payload: dict[str, Any]) -> None:
                            + f"entropy {metrics.get('entropy', float('nan')):.3f} "
                            f"clip {metrics.get('clip_fraction_low', 0.0):.3f}/{metrics.get('clip_fraction_high', 0.0):.3f} "
                            f"len {metrics['completion_length']:.1f}")
-        if spec.eval_prompts and spec.eval_every and step % spec.eval_every == 0 and step < total:
-            logger.log(evaluate(roles, prompt_set, rows, eval_ids, functions, spec, tokenizer, collate, worker,
-                                cfg.seed, backend), step=step)
+        if reward_eval is not None and spec.eval_every and step % spec.eval_every == 0 and step < total:
+            logger.log(reward_eval(), step=step)
         if step % spec.checkpoint_every == 0 and step < total:
             logger.flush()
             common.report(worker, backend, {"step": step}, roles, state)
 
-    final: dict[str, float] = {"train_seconds": time.perf_counter() - started}
-    if spec.eval_prompts:
-        after = evaluate(roles, prompt_set, rows, eval_ids, functions, spec, tokenizer, collate, worker, cfg.seed,
-                         backend)
-        logger.log(after, step=step)
-        final.update({f"{k}_after": v for k, v in after.items()})
-        final.update({f"{k}_before": v for k, v in state["eval_before"].items()})
-        if worker.is_main:
-            engine.say(f"[grpo] held-out reward {state['eval_before'].get('eval_reward', float('nan')):.3f} -> "
-                       f"{after.get('eval_reward', float('nan')):.3f}, KL to reference {after['eval_kl']:.3f}")
-    if cfg.eval.rouge:
-        with roles.use(POLICY) as model:
-            after = common.held_out_rouge(model, tokenizer, held_out, cfg, worker, backend)
-        final.update({f"{k}_after": v for k, v in after.items()})
-        final.update({f"{k}_before": v for k, v in state["rouge_before"].items()})
-    final.update(common.resource_figures(worker, throughput, backend))
-    logger.log(final, step=step)
-    logger.flush()
+    final = report.finish(state, step, started, throughput)
     common.report(worker, backend, {"step": step, "done": 1, **final}, roles, state)
 
 

@@ -59,8 +59,10 @@ from raypeft.pipeline.rl_math import (AdaptiveKLController, FixedKLController, c
                                       explained_variance, gae, kl_penalised_rewards, masked_mean, masked_whiten)
 from raypeft.pipeline.roles import Roles, has_value_head
 from raypeft.pipeline.rollout import Rollout
+from raypeft.pipeline.rollout_engine import RolloutEngine
 from raypeft.pipeline.stages import common
 from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
+from raypeft.pipeline.stages.policy_eval import PolicyEvaluation
 
 NAME = "ppo"
 POLICY, REFERENCE, REWARD, CRITIC = "policy", "reference", "reward", "critic"
@@ -119,12 +121,13 @@ def policy_and_critic(roles: Roles, rows: dict[str, torch.Tensor],
 
 @torch.no_grad()
 def make_rollout(roles: Roles, prompts: dict[str, torch.Tensor], spec: PPOSpec, tokenizer,
-                 chunk: int, generate_kwargs: dict[str, Any] | None = None) -> Rollout:
+                 chunk: int, generate_kwargs: dict[str, Any] | None = None,
+                 rollout_engine: RolloutEngine | None = None) -> Rollout:
     """Sample responses with the policy, then score them with every role (in chunks of ``chunk``).
 
     ``generate_kwargs``: the backend's (``synced_gpus`` under multi-worker ZeRO-3).
     """
-    ro = rollout.sample(roles, POLICY, prompts, spec.generation, tokenizer, generate_kwargs)
+    ro = rollout.sample(roles, POLICY, prompts, spec.generation, tokenizer, generate_kwargs, rollout_engine)
     rollout.score(roles, ro, chunk=chunk, temperature=spec.generation.temperature, policy=POLICY,
                   reference=REFERENCE, reward=REWARD, critic=CRITIC)
     return ro
@@ -174,7 +177,7 @@ def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, backend: Backend,
 
 @torch.no_grad()
 def evaluate(roles: Roles, prompts, collate: PromptCollator, spec: PPOSpec, tokenizer, worker: engine.Worker,
-             seed: int, backend: Backend | None = None) -> dict[str, float]:
+             seed: int, backend: Backend | None = None, rollout_engine: RolloutEngine | None = None) -> dict[str, float]:
     """Mean reward, KL to the reference and response length of sampled responses to the held-out
     prompts (sharded over workers; sampling seeded, so a repeat on the same policy is identical;
     padded prompts, which keep ZeRO-3 workers in lockstep, are sampled and left out)."""
@@ -187,7 +190,7 @@ def evaluate(roles: Roles, prompts, collate: PromptCollator, spec: PPOSpec, toke
     for i in range(0, len(shard), size):
         ids = shard[i:i + size]
         batch = common.to_device(collate([prompts[j if j is not None else 0] for j in ids]), worker.device)
-        ro = make_rollout(roles, batch, spec, tokenizer, chunk, generate_kwargs)
+        ro = make_rollout(roles, batch, spec, tokenizer, chunk, generate_kwargs, rollout_engine)
         keep = torch.tensor([j is not None for j in ids], device=ro.mask.device)
         kl = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1)[keep]
         sums = [a + b for a, b in zip(sums, [ro.scores[keep].sum().item(), kl.sum().item(),
@@ -258,15 +261,12 @@ def train_loop(payload: dict[str, Any]) -> None:
         logger.log({"trainable_params": n_train, "prompts": len(prompts),
                     "base_params": census["base_params"], "base_params_missing": census["base_missing"],
                     "non_base_non_role_params": census["other_params"]}, step=0)
-    if cfg.eval.rouge and "rouge_before" not in state:
-        with roles.use(POLICY) as model:
-            state["rouge_before"] = common.held_out_rouge(model, tokenizer, held_out, cfg, worker, backend)
-        logger.log({f"{k}_before": v for k, v in state["rouge_before"].items()}, step=0)
-    if spec.eval_prompts and "eval_before" not in state:
-        state["eval_before"] = evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed, backend)
-        logger.log(state["eval_before"], step=0)
-        if worker.is_main:
-            engine.say(f"[ppo] held-out reward {state['eval_before']['eval_reward']:.3f} before training")
+    gen_engine = RolloutEngine(spec.generation)
+    reward_eval = (lambda: evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed, backend,
+                                    gen_engine)) if spec.eval_prompts else None
+    report = PolicyEvaluation(NAME, cfg, roles, POLICY, tokenizer, worker, backend, logger, held_out, reward_eval,
+                              gen_engine)
+    report.before(state)
 
     throughput = Throughput()
     started = time.perf_counter()
@@ -279,7 +279,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         ids = common.epoch_batches(len(prompts), spec.rollout_batch_size, worker, cfg.seed, epoch)[within]
         batch = common.to_device(collate([prompts[j] for j in ids]), worker.device)
         torch.manual_seed(cfg.seed * 100003 + step * 97 + worker.rank)  # sampling: reproducible per step
-        ro = make_rollout(roles, batch, spec, tokenizer, chunk, generate_kwargs)
+        ro = make_rollout(roles, batch, spec, tokenizer, chunk, generate_kwargs, gen_engine)
         add_advantages(ro, spec, kl_ctl.value)
         figures = rollout_stats(ro, kl_ctl.value)
         update_stats = ppo_update(roles, ro, spec, backend, generator, step=step + 1)
@@ -308,29 +308,13 @@ def train_loop(payload: dict[str, Any]) -> None:
                            f"kl {metrics['kl']:.3f} (coef {metrics['kl_coef']:.3f}) entropy {metrics['entropy']:.3f} "
                            f"clip {metrics['clip_fraction']:.3f} vloss {metrics['value_loss']:.3f} "
                            f"len {metrics['response_length']:.1f}")
-        if spec.eval_prompts and spec.eval_every and step % spec.eval_every == 0 and step < total:
-            logger.log(evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed, backend), step=step)
+        if reward_eval is not None and spec.eval_every and step % spec.eval_every == 0 and step < total:
+            logger.log(reward_eval(), step=step)
         if step % spec.checkpoint_every == 0 and step < total:
             logger.flush()
             common.report(worker, backend, {"step": step}, roles, state)
 
-    final: dict[str, float] = {"train_seconds": time.perf_counter() - started}
-    if spec.eval_prompts:
-        after = evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed, backend)
-        logger.log(after, step=step)
-        final.update({f"{k}_after": v for k, v in after.items()})
-        final.update({f"{k}_before": v for k, v in state["eval_before"].items()})
-        if worker.is_main:
-            engine.say(f"[ppo] held-out reward {state['eval_before']['eval_reward']:.3f} -> "
-                       f"{after['eval_reward']:.3f}, KL to reference {after['eval_kl']:.3f}")
-    if cfg.eval.rouge:
-        with roles.use(POLICY) as model:
-            after = common.held_out_rouge(model, tokenizer, held_out, cfg, worker, backend)
-        final.update({f"{k}_after": v for k, v in after.items()})
-        final.update({f"{k}_before": v for k, v in state["rouge_before"].items()})
-    final.update(common.resource_figures(worker, throughput, backend))
-    logger.log(final, step=step)
-    logger.flush()
+    final = report.finish(state, step, started, throughput)
     common.report(worker, backend, {"step": step, "done": 1, **final}, roles, state)
 
 

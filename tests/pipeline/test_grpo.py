@@ -171,6 +171,9 @@ class _EchoRoles:
     def use(self, role):
         yield _EchoModel()
 
+    def is_base(self, role):
+        return False
+
 
 class _Tokenizer:
     pad_token_id, eos_token_id = PAD, EOS

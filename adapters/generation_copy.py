@@ -1,0 +1,112 @@
+"""A folded generation copy of an adapted model: one dense weight per LoRA layer, ``W + delta``.
+
+Sampling with an unmerged LoRA pays two extra small matmuls per adapted layer per token, and on a
+4-bit base a dequantization as well; generation is memory-bound, so those extra passes dominate
+at small batch. Merging in place (``merge`` / ``unmerge``) would be cheaper in memory but rounds
+the base a little on every round trip, and an online-RL stage samples every step. This module
+instead keeps a *separate* dense copy (``W0 + delta`` in the layer's compute dtype; a bf16 copy
+of a 4-bit base, as DeepSpeed-Chat's hybrid engine does), refreshed from the current adapter
+before each rollout and swapped into the module tree only while generating. The base parameters
+are never written, so they stay bit-identical however many rollouts run.
+
+The copy's modules are created once and refreshed in place, so a compiled decode step sees the
+same modules every rollout and does not recompile.
+
+Only layers whose update is a weight delta of a linear layer fold: LoRA, rsLoRA and DoRA on
+``nn.Linear`` (and ``Conv1D``, seen as ``(out, in)``), on a plain or bitsandbytes-quantized base.
+:func:`foldable` says whether every layer an adapter touches folds; the caller falls back to the
+unmerged model otherwise (virtual tokens, bottleneck adapters, LoRA on embeddings, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raypeft.adapters import quantization as quant
+from raypeft.adapters.layer import AdapterLayer
+from raypeft.adapters.lora.linear import LoraLinear
+
+
+class FoldedLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` the folded ``(out, in)`` weight; holds no gradients."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.bias = bias  # the base layer's own bias tensor (shared, never written)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def _holders(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module, str, AdapterLayer]]:
+    """``(qualified name, parent, attribute, layer)`` of every adapter layer holding ``adapter_name``."""
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            if isinstance(child, AdapterLayer) and adapter_name in child.adapter_names:
+                yield (f"{name}.{attr}" if name else attr), module, attr, child
+
+
+def foldable(model: nn.Module, adapter_name: str) -> bool:
+    """Whether every layer holding ``adapter_name`` can be folded (and at least one holds it)."""
+    layers = [layer for *_, layer in _holders(model, adapter_name)]
+    return bool(layers) and all(type(layer) is LoraLinear for layer in layers)
+
+
+def _folded_weight(layer: LoraLinear, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+    """``W0 + delta`` as ``(out, in)`` in ``dtype``, computed in float32 from the dense base."""
+    with torch.no_grad():
+        base = layer._dense_weight_oi().float()
+        created = adapter_name not in layer._dora_factors
+        delta = layer._merge_delta_oi(adapter_name, base)
+        if created:  # a DoRA merge caches its factor for unmerge; nothing is merged here
+            layer._dora_factors.pop(adapter_name, None)
+        return (base + delta).to(dtype)
+
+
+def _compute_dtype(layer: LoraLinear) -> torch.dtype:
+    base = layer.base_layer
+    return quant.compute_dtype(base) if quant.is_quantized(base) else base.weight.dtype
+
+
+class GenerationCopy:
+    """The folded copy of one adapter over a model; :meth:`refresh` after the adapter changed,
+    :meth:`swapped_in` around ``generate``."""
+
+    def __init__(self, model: nn.Module, adapter_name: str) -> None:
+        if not foldable(model, adapter_name):
+            raise ValueError(f"adapter {adapter_name!r} has layers that do not fold into a weight "
+                             "(only LoRA / rsLoRA / DoRA on linear layers do)")
+        self.adapter_name = adapter_name
+        self._slots: list[tuple[nn.Module, str, LoraLinear, FoldedLinear]] = []
+        for _, parent, attr, layer in _holders(model, adapter_name):
+            weight = _folded_weight(layer, adapter_name, _compute_dtype(layer))
+            self._slots.append((parent, attr, layer, FoldedLinear(weight, getattr(layer.base_layer, "bias", None))))
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(f.weight.numel() * f.weight.element_size() for *_, f in self._slots)
+
+    def refresh(self) -> None:
+        """Recompute every folded weight from the adapter's current tensors, in place."""
+        for _, _, layer, folded in self._slots:
+            folded.weight.copy_(_folded_weight(layer, self.adapter_name, folded.weight.dtype))
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The folded modules in place of their adapter layers; the layers come back on exit."""
+        done: list[tuple[nn.Module, str, LoraLinear]] = []
+        try:
+            for parent, attr, layer, folded in self._slots:
+                setattr(parent, attr, folded)
+                done.append((parent, attr, layer))
+            yield
+        finally:
+            for parent, attr, layer in reversed(done):
+                setattr(parent, attr, layer)

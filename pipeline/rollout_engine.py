@@ -1,0 +1,112 @@
+"""The one generation path of PPO, the GRPO family and held-out evaluation.
+
+``generate(model, adapter, input_ids, attention_mask, ...)`` returns the new tokens of every
+left-padded prompt row, ``[B, T]`` right-padded with the pad id, whatever levers are on
+(``GenerationSpec``):
+
+- ``batch_size``: rows per ``generate`` call, set apart from the training minibatch (a rollout
+  of 512 completions need not fit one KV cache, and a small update minibatch should not make
+  generation slow);
+- ``fold_adapter``: sample from a folded generation copy of the adapter's weights
+  (``adapters.generation_copy``: a dense ``W0 + delta`` per LoRA layer, refreshed before each
+  call, swapped in only while generating; the base parameters are never written). Not under
+  ZeRO-3 (the weights are partitioned) nor for adapters that do not fold: those sample unmerged;
+- ``cache: static`` (a preallocated KV cache) with ``compile`` (transformers compiles the
+  decode step; CUDA); virtual-token adapters keep the dynamic cache their prefix lives in;
+- ``prompt_bucket``: extra left padding to a multiple of it, so a static cache and a compiled
+  step see a few prompt shapes instead of one per batch. Left padding is masked out and the
+  position ids follow the mask, so it changes no token.
+
+Greedy decoding through the engine gives today's unmerged tokens (fp32 on CPU: the same tokens;
+``tests/pipeline/test_rollout_engine.py``). A later external engine (vLLM behind a Ray actor)
+would sit behind the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raypeft.adapters.generation_copy import GenerationCopy, foldable
+from raypeft.adapters.virtual_tokens import PromptLearningConfig
+from raypeft.pipeline.config import GenerationSpec
+
+
+def _partitioned(model: nn.Module) -> bool:
+    """ZeRO-3 partitions parameters (they carry a ``ds_id``); a folded copy cannot be read from them."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _is_virtual(model: nn.Module, adapter: str | None) -> bool:
+    config = getattr(model, "peft_config", {}).get(adapter) if adapter is not None else None
+    return isinstance(config, PromptLearningConfig)
+
+
+def bucket_left(input_ids: torch.Tensor, attention_mask: torch.Tensor, bucket: int,
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to the next multiple of ``bucket`` columns (masked out)."""
+    width = input_ids.shape[1]
+    extra = (-width) % bucket if bucket > 0 else 0
+    if extra == 0:
+        return input_ids, attention_mask
+    return F.pad(input_ids, (extra, 0), value=pad_id), F.pad(attention_mask, (extra, 0), value=0)
+
+
+class RolloutEngine:
+    """Generation settings plus the folded copies it keeps between calls (one per adapter name)."""
+
+    def __init__(self, spec: GenerationSpec) -> None:
+        self.spec = spec
+        self._copies: dict[str, GenerationCopy] = {}
+
+    def folds(self, model: nn.Module, adapter: str | None, generate_kwargs: dict[str, Any]) -> bool:
+        """Whether this call samples from a folded copy."""
+        return (self.spec.fold_adapter and adapter is not None and not generate_kwargs.get("synced_gpus")
+                and not _partitioned(model) and foldable(model, adapter))
+
+    def _copy(self, model: nn.Module, adapter: str) -> GenerationCopy:
+        copy = self._copies.get(adapter)
+        if copy is None:
+            copy = self._copies[adapter] = GenerationCopy(model, adapter)
+        else:
+            copy.refresh()
+        return copy
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, adapter: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 *, pad_token_id: int, eos_token_id: int, sampling: dict[str, Any],
+                 generate_kwargs: dict[str, Any] | None = None, row_inputs: dict[str, torch.Tensor] | None = None,
+                 max_new_tokens: int | None = None) -> torch.Tensor:
+        """New tokens ``[B, T]`` (right-padded with ``pad_token_id``) for left-padded prompts.
+
+        ``adapter``: the active adapter of ``model`` (None: the bare base); ``sampling``: the
+        ``generate`` keywords that choose tokens (``do_sample``, ``temperature``, ...);
+        ``row_inputs``: per-row tensors ``generate`` takes besides the prompt (``task_ids``).
+        """
+        spec = self.spec
+        extra = dict(generate_kwargs or {})
+        virtual = _is_virtual(model, adapter)
+        if spec.cache == "static" and not virtual:
+            extra.update(cache_implementation="static", disable_compile=not spec.compile)
+        new = max_new_tokens if max_new_tokens is not None else spec.max_new_tokens
+        size = spec.batch_size or input_ids.shape[0]
+        fold = self.folds(model, adapter, extra)
+        copy = self._copy(model, adapter) if fold else None
+        outputs: list[torch.Tensor] = []
+        for start in range(0, input_ids.shape[0], size):
+            ids, mask = input_ids[start:start + size], attention_mask[start:start + size]
+            ids, mask = bucket_left(ids, mask, spec.prompt_bucket, pad_token_id)
+            rows = {k: v[start:start + size] for k, v in (row_inputs or {}).items()}
+            kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, pad_token_id=pad_token_id,
+                          eos_token_id=eos_token_id, **sampling, **rows, **extra)
+            if copy is not None:
+                with copy.swapped_in():
+                    out = model.generate(**kwargs)
+            else:
+                out = model.generate(**kwargs)
+            outputs.append(out[:, ids.shape[1]:])
+        width = max(o.shape[1] for o in outputs)
+        return torch.cat([F.pad(o, (0, width - o.shape[1]), value=pad_token_id) for o in outputs])

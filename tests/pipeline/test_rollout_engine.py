@@ -1,0 +1,208 @@
+"""The rollout engine against today's path: the same greedy tokens whatever lever is on, the base
+untouched however many rollouts run, finished rows padded, prompt buckets that change nothing.
+
+Reference: ``model.generate`` on the unmerged adapter with a dynamic cache, one call for the whole
+batch (what PPO and GRPO sampled with before the engine). fp32 on CPU, so "the same" is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers
+
+from raypeft.adapters import LoraConfig, PrefixTuningConfig, get_adapter_model
+from raypeft.adapters.generation_copy import GenerationCopy, foldable
+from raypeft.pipeline.config import GenerationSpec
+from raypeft.pipeline.rollout_engine import RolloutEngine, bucket_left
+
+PAD, EOS, NEW = 0, 2, 12
+
+
+def _base(hidden: int = 32) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD,
+                                      bos_token_id=1, eos_token_id=EOS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.LlamaForCausalLM(config).eval()
+
+
+def _trained_like(model: torch.nn.Module, seed: int = 1) -> None:
+    """Non-zero LoRA B (and DoRA magnitudes off their start) so the adapter changes the tokens."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif "lora_magnitude" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+
+
+def _prompts(rows: int = 7, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [3 + (i * 5) % 9 for i in range(rows)]
+    width = max(lengths)
+    ids = torch.full((rows, width), PAD)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(3, 64, (n,), generator=g)
+        mask[i, width - n:] = 1
+    return ids, mask
+
+
+def _reference(model, ids, mask) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                             pad_token_id=PAD, eos_token_id=EOS)
+    return out[:, ids.shape[1]:]
+
+
+def _engine(**fields) -> RolloutEngine:
+    return RolloutEngine(GenerationSpec(max_new_tokens=NEW, **fields))
+
+
+def _generate(engine: RolloutEngine, model, adapter, ids, mask) -> torch.Tensor:
+    return engine.generate(model, adapter, ids, mask, pad_token_id=PAD, eos_token_id=EOS,
+                           sampling={"do_sample": False})
+
+
+def _trim(tokens: torch.Tensor) -> list[list[int]]:
+    """Each row up to and with its first eos: what a rollout keeps."""
+    out = []
+    for row in tokens.tolist():
+        out.append(row[:row.index(EOS) + 1] if EOS in row else row)
+    return out
+
+
+@pytest.fixture()
+def lora_model():
+    model = get_adapter_model(_base(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                              adapter_name="policy")
+    _trained_like(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("levers", [
+    {},
+    {"fold_adapter": True},
+    {"fold_adapter": True, "cache": "static"},
+    {"fold_adapter": True, "batch_size": 3, "prompt_bucket": 8},
+    {"cache": "static", "batch_size": 2, "prompt_bucket": 16},
+], ids=["plain", "fold", "fold-static", "fold-batch-bucket", "static-batch-bucket"])
+def test_greedy_tokens_equal_todays_path(lora_model, levers: dict) -> None:
+    ids, mask = _prompts()
+    expected = _trim(_reference(lora_model, ids, mask))
+    engine = _engine(**levers)
+    assert engine.folds(lora_model, "policy", {}) == bool(levers.get("fold_adapter"))
+    assert _trim(_generate(engine, lora_model, "policy", ids, mask)) == expected
+    assert _trim(_reference(lora_model, ids, mask)) == expected  # the model is unchanged after the engine ran
+
+
+def test_dora_and_rslora_fold_to_the_same_tokens() -> None:
+    model = get_adapter_model(_base(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+                                                  use_rslora=True), adapter_name="policy")
+    _trained_like(model)
+    ids, mask = _prompts()
+    assert _trim(_generate(_engine(fold_adapter=True), model, "policy", ids, mask)) == \
+        _trim(_reference(model, ids, mask))
+
+
+def test_the_base_stays_bit_identical_over_many_rollouts_and_updates(lora_model) -> None:
+    before = {n: p.detach().clone() for n, p in lora_model.named_parameters() if "lora_" not in n}
+    engine = _engine(fold_adapter=True, cache="static", batch_size=4)
+    ids, mask = _prompts()
+    opt = torch.optim.SGD([p for n, p in lora_model.named_parameters() if "lora_" in n], lr=0.5)
+    for step in range(6):
+        _generate(engine, lora_model, "policy", ids, mask)
+        loss = lora_model(input_ids=ids, attention_mask=mask).logits.float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name, p in lora_model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, before[name]), name
+    # The copy followed the adapter's updates: still the unmerged model's tokens.
+    assert _trim(_generate(engine, lora_model, "policy", ids, mask)) == _trim(_reference(lora_model, ids, mask))
+
+
+def test_the_copy_holds_only_the_policy_and_puts_the_layers_back(lora_model) -> None:
+    lora_model.add_adapter("reward", LoraConfig(r=2, target_modules=["q_proj"]))
+    lora_model.set_adapter("policy")
+    copy_ = GenerationCopy(lora_model, "policy")
+    layers = {n: m for n, m in lora_model.named_modules()}
+    with copy_.swapped_in():
+        assert not any("lora_A" in n for n, _ in lora_model.named_modules())
+    assert {n: m for n, m in lora_model.named_modules()} == layers
+    assert copy_.num_bytes == sum(m.base_layer.weight.numel() * 4 for n, m in layers.items()
+                                  if hasattr(m, "lora_A") and "policy" in m.lora_A)
+
+
+def test_virtual_tokens_sample_unmerged_with_their_own_cache() -> None:
+    model = get_adapter_model(_base(), PrefixTuningConfig(num_virtual_tokens=4), adapter_name="policy").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    ids, mask = _prompts()
+    engine = _engine(fold_adapter=True, cache="static", batch_size=3, prompt_bucket=8)
+    assert not engine.folds(model, "policy", {}) and not foldable(model, "policy")
+    assert _trim(_generate(engine, model, "policy", ids, mask)) == _trim(_reference(model, ids, mask))
+
+
+def test_no_fold_under_zero3_or_synced_generation(lora_model) -> None:
+    engine = _engine(fold_adapter=True)
+    assert not engine.folds(lora_model, "policy", {"synced_gpus": True})
+    assert not engine.folds(lora_model, None, {})
+    partitioned = copy.deepcopy(lora_model)
+    next(partitioned.parameters()).ds_id = 0  # what ZeRO-3 marks a partitioned parameter with
+    assert not engine.folds(partitioned, "policy", {})
+
+
+def test_finished_rows_are_padded_and_batches_of_different_lengths_line_up(lora_model) -> None:
+    ids, mask = _prompts(rows=6)
+    full = _generate(_engine(), lora_model, "policy", ids, mask)
+    for size in (1, 4):
+        split = _generate(_engine(batch_size=size), lora_model, "policy", ids, mask)
+        assert split.shape[0] == 6
+        assert _trim(split) == _trim(full)
+        for row in split.tolist():
+            if EOS in row:
+                assert set(row[row.index(EOS) + 1:]) <= {PAD, EOS}
+
+
+def test_prompt_buckets_pad_left_to_a_multiple_and_mask_it() -> None:
+    ids, mask = _prompts()
+    width = ids.shape[1]
+    b_ids, b_mask = bucket_left(ids, mask, 8, PAD)
+    assert b_ids.shape[1] % 8 == 0 and b_ids.shape[1] - width < 8
+    assert torch.equal(b_ids[:, -width:], ids) and torch.equal(b_mask[:, -width:], mask)
+    assert int(b_mask[:, :-width].sum()) == 0
+    assert bucket_left(ids, mask, 0, PAD)[0] is ids
+
+
+def test_quantized_base_folds_into_a_dense_copy() -> None:
+    pytest.importorskip("bitsandbytes")
+    from raypeft.adapters import quantize_linear_layers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = quantize_linear_layers(_base(hidden=128), 4, compute_dtype=torch.float32)  # whole 4-bit blocks
+    model = get_adapter_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), adapter_name="policy")
+    _trained_like(model)
+    model.eval()
+    ids, mask = _prompts()
+    expected = _trim(_reference(model, ids, mask))  # bitsandbytes repacks its CPU layout on first use
+    quantized = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    engine = _engine(fold_adapter=True)
+    assert engine.folds(model, "policy", {})
+    for _ in range(3):
+        assert _trim(_generate(engine, model, "policy", ids, mask)) == expected
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, quantized[name]), name
