@@ -21,12 +21,22 @@ pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-def test_grpo_trains_under_zero3_with_uneven_work_per_worker(tmp_path: Path) -> None:
+def _run(cfg):
+    """The one-stage workflow in a fresh local Ray, shut down after."""
     import ray
 
     from raypeft.pipeline.workflow import run_workflow
 
+    try:
+        (outcome,) = run_workflow(cfg, log=lambda _: None)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    return outcome
+
+
+@pytest.mark.slow
+def test_grpo_trains_under_zero3_with_uneven_work_per_worker(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(REPO / "configs" / "quickstart-grpo.yaml", [
         "stages=[grpo]", "deepspeed=zero3", "grpo.policy_init=null", "grpo.max_steps=2", "grpo.prompts_per_step=2",
@@ -35,11 +45,7 @@ def test_grpo_trains_under_zero3_with_uneven_work_per_worker(tmp_path: Path) -> 
         "grpo.lr_scheduler=constant", "eval.max_rows=5", "eval.max_new_tokens=4", "eval.batch_size=2",
         "scaling.num_workers=2", f"tracking.uri={uri}", f"tracking.artifact_location={(tmp_path / 'art').as_uri()}",
         f"output_dir={tmp_path / 'out'}", "name=gds"])
-    try:
-        (o,) = run_workflow(cfg, log=lambda _: None)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    o = _run(cfg)
     client = MlflowClient(uri)
     run = client.get_run(o.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["raypeft.zero_stage"] == "3"
@@ -59,12 +65,10 @@ def test_grpo_on_a_4bit_base_under_zero2(tmp_path: Path) -> None:
     """Policy and reference as adapters over one bitsandbytes NF4 base, ZeRO-2 on 2 gloo workers: the
     stage trains, and the published adapter loads onto a fresh 4-bit base."""
     import bitsandbytes as bnb
-    import ray
     import torch
 
     from raypeft.adapters import AdapterModel
     from raypeft.pipeline.modeling import load_base_model
-    from raypeft.pipeline.workflow import run_workflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(REPO / "configs" / "quickstart-grpo.yaml", [
@@ -73,11 +77,7 @@ def test_grpo_on_a_4bit_base_under_zero2(tmp_path: Path) -> None:
         "grpo.generation.max_new_tokens=5", "grpo.kl.coef=0.05", "grpo.eval_prompts=2", "grpo.checkpoint_every=1",
         "grpo.data.max_rows=16", "eval.rouge=false", "scaling.num_workers=2", f"tracking.uri={uri}",
         f"tracking.artifact_location={(tmp_path / 'art').as_uri()}", f"output_dir={tmp_path / 'out'}", "name=g4"])
-    try:
-        (o,) = run_workflow(cfg, log=lambda _: None)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    o = _run(cfg)
     client = MlflowClient(uri)
     run = client.get_run(o.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["raypeft.zero_stage"] == "2"
