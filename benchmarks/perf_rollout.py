@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         alloc = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else float("nan")
         report.add([f"{name}: {what}", rate, 1000 * t / args.new, rate / base_rate, alloc, reserved, first],
-                   {"variant": name, "what": what, "levers": levers, "tokens_per_s": rate, "ms_per_step": 1000 * t / args.new,
+                   {"variant": name, "what": what, "levers": levers, "tokens_per_s": rate,
+                    "ms_per_step": 1000 * t / args.new,
                     "speedup": rate / base_rate, "peak_allocated_gib": alloc, "peak_reserved_gib": reserved,
                     "first_call_s": first, "times_s": times})
         del engine, call

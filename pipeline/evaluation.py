@@ -159,7 +159,8 @@ def generate_responses(
                 if engine is not None and not is_seq2seq:
                     rows = {k: v[ids].to(device) for k, v in (row_inputs or {}).items()}
                     new = engine.generate(model, adapter, enc["input_ids"], enc["attention_mask"], pad_token_id=pad_id,
-                                          eos_token_id=kwargs.pop("eos_token_id", None), sampling={"do_sample": do_sample},
+                                          eos_token_id=kwargs.pop("eos_token_id", None),
+                                          sampling={"do_sample": do_sample},
                                           generate_kwargs=generate_kwargs, row_inputs=rows,
                                           max_new_tokens=max_new_tokens).tolist()
                     for i, row in zip(ids, new):

@@ -120,8 +120,9 @@ def sample(roles: Roles, policy: str, prompts: dict[str, torch.Tensor], generati
     """
     g = generation
     engine = engine if engine is not None else RolloutEngine(g)
+    adapter = None if roles.is_base(policy) else policy
     with roles.use(policy) as model:
-        generated = engine.generate(model, None if roles.is_base(policy) else policy, prompts["input_ids"], prompts["attention_mask"],
+        generated = engine.generate(model, adapter, prompts["input_ids"], prompts["attention_mask"],
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                     sampling=dict(do_sample=True, temperature=g.temperature, top_k=g.top_k,
                                                   top_p=g.top_p),

@@ -371,8 +371,8 @@ def train_loop(payload: dict[str, Any]) -> None:
         ids = common.epoch_batches(n_train, spec.prompts_per_step, worker, cfg.seed, epoch)[within]
         torch.manual_seed(cfg.seed * 100003 + step * 97 + worker.rank)  # sampling: reproducible per step
         group, scores = rollout_step(roles, prompt_set, rows, ids, functions, spec, tokenizer, collate, worker.device,
-                                     generate_kwargs, old_logprobs=need_old, reference=need_ref, rollout_engine=gen_engine,
-                                     num_generations=spec.num_generations)
+                                     generate_kwargs, old_logprobs=need_old, reference=need_ref,
+                                     num_generations=spec.num_generations, rollout_engine=gen_engine)
         ro = group.rollout
         ro.advantages, kept = compute_advantages(spec, scores, ro)
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + step * 7919 + worker.rank)

@@ -177,7 +177,8 @@ def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, backend: Backend,
 
 @torch.no_grad()
 def evaluate(roles: Roles, prompts, collate: PromptCollator, spec: PPOSpec, tokenizer, worker: engine.Worker,
-             seed: int, backend: Backend | None = None, rollout_engine: RolloutEngine | None = None) -> dict[str, float]:
+             seed: int, backend: Backend | None = None,
+             rollout_engine: RolloutEngine | None = None) -> dict[str, float]:
     """Mean reward, KL to the reference and response length of sampled responses to the held-out
     prompts (sharded over workers; sampling seeded, so a repeat on the same policy is identical;
     padded prompts, which keep ZeRO-3 workers in lockstep, are sampled and left out)."""

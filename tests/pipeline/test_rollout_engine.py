@@ -24,8 +24,9 @@ PAD, EOS, NEW = 0, 2, 12
 
 def _base(hidden: int = 32) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD,
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      pad_token_id=PAD,
                                       bos_token_id=1, eos_token_id=EOS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
