@@ -23,6 +23,7 @@ from raypeft.pipeline.config import GenerationSpec
 from raypeft.pipeline.rewards import RewardFunction, RewardScores, score_completions
 from raypeft.pipeline.roles import Roles
 from raypeft.pipeline.rollout import Rollout
+from raypeft.pipeline.rollout_engine import RolloutEngine
 
 
 @dataclass
@@ -56,7 +57,8 @@ def decode_completions(ro: Rollout, tokenizer: Any) -> list[str]:
 def sample_groups(roles: Roles, policy: str, prompt_set: Any, rows: Any, ids: Sequence[int], *,
                   num_generations: int, prompt_column: str, generation: GenerationSpec, tokenizer: Any,
                   collate: Callable[[list[Any]], dict[str, torch.Tensor]], device: torch.device,
-                  generate_kwargs: dict[str, Any] | None = None, engine: Any = None) -> GroupRollout:
+                  generate_kwargs: dict[str, Any] | None = None,
+                  engine: RolloutEngine | None = None) -> GroupRollout:
     """Sample ``num_generations`` completions of each prompt row ``ids`` with role ``policy``.
 
     ``prompt_set``: the tokenized prompts (``input_ids`` per row); ``rows``: the same rows with

@@ -77,7 +77,7 @@ class RolloutEngine:
 
     @torch.no_grad()
     def generate(self, model: nn.Module, adapter: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 *, pad_token_id: int, eos_token_id: int, sampling: dict[str, Any],
+                 *, pad_token_id: int, eos_token_id: int | list[int] | None, sampling: dict[str, Any],
                  generate_kwargs: dict[str, Any] | None = None, row_inputs: dict[str, torch.Tensor] | None = None,
                  max_new_tokens: int | None = None) -> torch.Tensor:
         """New tokens ``[B, T]`` (right-padded with ``pad_token_id``) for left-padded prompts.
