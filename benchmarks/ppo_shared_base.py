@@ -90,17 +90,20 @@ def bytes_on(device: torch.device) -> int:
 
 
 def ppo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, seed: int) -> list[dict]:
+    from raypeft.pipeline.rl_math import RunningMoments
     from raypeft.pipeline.stages import ppo
 
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2)
     generator = torch.Generator().manual_seed(seed)
     out = []
+    moments = RunningMoments()  # ppo.normalize_scores, as the stage does
     for step in range(steps):
         sync(device)
         t0 = time.perf_counter()
         torch.manual_seed(seed * 1000 + step)
         ro = ppo.make_rollout(roles, prompts, spec, tokenizer, chunk=spec.rollout_batch_size // spec.minibatches)
-        ppo.add_advantages(ro, spec, spec.kl.coef)
+        ppo.update_score_moments(moments, ppo.penalised_scores(ro, spec))
+        ppo.add_advantages(ro, spec, spec.kl.coef, moments)
         stats = ppo.rollout_stats(ro, spec.kl.coef)
         update = ppo.ppo_update(roles, ro, spec, backend, generator)
         sync(device)

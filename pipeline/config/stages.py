@@ -148,7 +148,10 @@ class PPOSpec(StageSection):
     a critic folder of its own keeps its head); null: a fresh adapter from the ``adapter`` block
     and a zero value head. The last
     ``eval_prompts`` prompts are held out: the policy's mean reward and KL on them are measured
-    before training, every ``eval_every`` steps and after.
+    before training, every ``eval_every`` steps and after. ``normalize_scores``: the reward
+    model's scores (after ``missing_eos_penalty``) centred and scaled by their running mean and
+    std over all rollouts so far, before the KL shaping (``pipeline.rl_math.score_norm`` says why
+    a zero critic needs it).
     """
 
     policy_init: str | None = "sft"
@@ -172,6 +175,7 @@ class PPOSpec(StageSection):
     cliprange: float = Field(default=0.2, gt=0)
     cliprange_value: float = Field(default=0.2, gt=0)
     vf_coef: float = Field(default=0.1, ge=0)
+    normalize_scores: bool = True
     whiten_rewards: bool = False
     whiten_advantages: bool = True
     missing_eos_penalty: float | None = Field(default=None, ge=0)

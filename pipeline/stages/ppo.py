@@ -26,8 +26,11 @@ One step, on every worker:
    log-probabilities of the response tokens (logits divided by the sampling temperature), the
    critic's values, and the reward model's score at the last token (minus ``missing_eos_penalty``
    if no eos, in step 3);
-3. per-token rewards ``-kl_coef * (log pi - log ref)`` with the score added on the last token
-   (optionally whitened), GAE advantages and returns (advantages whitened by default);
+3. the score centred and scaled by the running mean and std of every score so far
+   (``normalize_scores``, on by default: with a zero critic an uncentred score becomes a ramp
+   over token positions, see ``pipeline.rl_math.score_norm``); per-token rewards
+   ``-kl_coef * (log pi - log ref)`` with that score added on the last token (optionally
+   whitened), GAE advantages and returns (advantages whitened by default);
 4. ``ppo_epochs`` passes over the rollout in ``minibatches`` minibatches: clipped policy loss
    plus ``vf_coef`` times the clipped value loss, one backward reaching policy and critic,
    gradients averaged over workers;
@@ -55,8 +58,9 @@ from raypeft.pipeline.inputs import prompt_rows, sft_rows
 from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
 from raypeft.pipeline.preflight_checks import Warn
 from raypeft.pipeline.resources import Throughput, reset_gpu_peaks, worker_memory
-from raypeft.pipeline.rl_math import (AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss,
-                                      explained_variance, gae, kl_penalised_rewards, masked_mean, masked_whiten)
+from raypeft.pipeline.rl_math import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
+                                      clipped_value_loss, explained_variance, gae, kl_penalised_rewards, masked_mean,
+                                      masked_whiten)
 from raypeft.pipeline.roles import Roles, has_value_head
 from raypeft.pipeline.rollout import Rollout
 from raypeft.pipeline.rollout_engine import RolloutEngine
@@ -133,11 +137,27 @@ def make_rollout(roles: Roles, prompts: dict[str, torch.Tensor], spec: PPOSpec, 
     return ro
 
 
-def add_advantages(ro: Rollout, spec: PPOSpec, kl_coef: float) -> None:
-    """KL-penalised rewards, GAE advantages and returns (whitened as configured), in place."""
+def penalised_scores(ro: Rollout, spec: PPOSpec) -> torch.Tensor:
+    """The reward model's scores less ``missing_eos_penalty`` for responses cut without an eos."""
     scores = ro.scores.float()
     if spec.missing_eos_penalty is not None:
         scores = scores - spec.missing_eos_penalty * (~ro.ended).float()
+    return scores
+
+
+def update_score_moments(moments: RunningMoments, scores: torch.Tensor) -> None:
+    """Fold one rollout's scores from every worker into ``moments`` (one all-reduce)."""
+    s = scores.double()
+    moments.update(*engine.all_reduce([s.sum().item(), (s * s).sum().item(), float(s.numel())], op="sum"))
+
+
+def add_advantages(ro: Rollout, spec: PPOSpec, kl_coef: float, moments: RunningMoments | None = None) -> None:
+    """KL-penalised rewards, GAE advantages and returns (whitened as configured), in place.
+
+    ``moments``: the running score moments ``ppo.normalize_scores`` centres and scales by."""
+    scores = penalised_scores(ro, spec)
+    if moments is not None:
+        scores = moments.normalise(scores)
     rewards, kl = kl_penalised_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.mask, kl_coef)
     if spec.whiten_rewards:
         rewards = masked_whiten(rewards, ro.mask, shift_mean=False)
@@ -256,6 +276,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         state = common.restore(backend, resumed, roles)
         engine.say(f"[ppo] resumed from step {state['step']}")
     kl_ctl = kl_controller(spec, state["kl_coef"])
+    moments = RunningMoments.from_state(state.get("score_moments")) if spec.normalize_scores else None
 
     held_out = sft_rows(cfg)[1] if cfg.eval.rouge else None
     if worker.is_main:
@@ -281,8 +302,13 @@ def train_loop(payload: dict[str, Any]) -> None:
         batch = common.to_device(collate([prompts[j] for j in ids]), worker.device)
         torch.manual_seed(cfg.seed * 100003 + step * 97 + worker.rank)  # sampling: reproducible per step
         ro = make_rollout(roles, batch, spec, tokenizer, chunk, generate_kwargs, gen_engine)
-        add_advantages(ro, spec, kl_ctl.value)
+        if moments is not None:
+            update_score_moments(moments, penalised_scores(ro, spec))
+            state["score_moments"] = moments.state()
+        add_advantages(ro, spec, kl_ctl.value, moments)
         figures = rollout_stats(ro, kl_ctl.value)
+        if moments is not None:
+            figures.update(score_norm_mean=moments.mean, score_norm_std=moments.std)
         update_stats = ppo_update(roles, ro, spec, backend, generator, step=step + 1)
         n_tokens = int(ro.attention_mask.sum().item())
         throughput.add(n_tokens)

@@ -16,6 +16,7 @@ import transformers
 from raypeft.pipeline.backends import TorchBackend
 from raypeft.pipeline.config import parse_config
 from raypeft.pipeline.modeling import adapter_config
+from raypeft.pipeline.rl_math import RunningMoments
 from raypeft.pipeline.roles import Roles
 from raypeft.pipeline.stages import ppo
 
@@ -61,10 +62,12 @@ def test_ppo_steps_raise_the_reward_and_move_away_from_the_reference() -> None:
     prompts = torch.randint(3, 16, (16, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
     rewards, kls = [], []
+    moments = RunningMoments()  # as the stage does with ppo.normalize_scores (the default)
     for step in range(8):
         torch.manual_seed(100 + step)
         ro = ppo.make_rollout(roles, batch, spec, tokenizer, chunk=8)
-        ppo.add_advantages(ro, spec, kl_coef=spec.kl.coef)
+        ppo.update_score_moments(moments, ppo.penalised_scores(ro, spec))
+        ppo.add_advantages(ro, spec, kl_coef=spec.kl.coef, moments=moments)
         stats = ppo.rollout_stats(ro, spec.kl.coef)
         rewards.append(stats["reward_mean"])
         kls.append(stats["kl"])

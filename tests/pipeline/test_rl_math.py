@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from raypeft.pipeline.rl_math import (AdaptiveKLController, FixedKLController, bradley_terry_loss, clipped_policy_loss,
+from raypeft.pipeline.rl_math import (AdaptiveKLController, FixedKLController, RunningMoments, bradley_terry_loss, clipped_policy_loss,
                               clipped_value_loss, dpo_loss, entropy_from_logits, explained_variance, gae,
                               kl_penalised_rewards,
                               last_token_index, masked_mean, masked_var, masked_whiten, token_logprobs)
+from raypeft.pipeline.config import parse_config
+from raypeft.pipeline.stages import ppo
 
 
 def _sigmoid(x: float) -> float:
@@ -232,3 +235,39 @@ def test_kl_controllers() -> None:
     assert ctl.update(6.0, 100) == pytest.approx(v)
     with pytest.raises(ValueError):
         AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+def test_running_moments_equal_the_moments_of_everything_seen() -> None:
+    torch.manual_seed(0)
+    batches = [torch.randn(n, dtype=torch.float64) * 3 + 7 for n in (5, 1, 32, 17)]
+    moments = RunningMoments()
+    for b in batches:
+        moments.update(b.sum().item(), (b * b).sum().item(), float(b.numel()))
+    seen = torch.cat(batches).double()
+    assert moments.count == seen.numel()
+    assert moments.mean == pytest.approx(seen.mean().item(), rel=1e-9)
+    assert moments.var == pytest.approx(seen.var(unbiased=False).item(), rel=1e-9)
+    z = moments.normalise(seen)
+    assert z.mean().item() == pytest.approx(0.0, abs=1e-9) and z.std(unbiased=False).item() == pytest.approx(1.0)
+    assert RunningMoments.from_state(moments.state()) == moments  # a resumed run continues the same moments
+    constant = RunningMoments()
+    constant.update(20.0, 200.0, 2.0)  # two scores of 10: no spread, so only centred
+    assert constant.normalise(torch.tensor([10.0, 12.0])).tolist() == [0.0, 2.0]
+
+
+def test_an_uncentred_score_with_a_zero_critic_ramps_the_advantages_over_positions() -> None:
+    """Every response scores the same 10: nothing tells one sample from another, yet with V = 0
+    GAE puts lam^(T-1-t) * 10 on token t and whitening turns that into a push down on the first
+    tokens and up on the last ones. Centred by its running moments, the score gives no advantage."""
+    spec = parse_config({"ppo": {"lam": 0.9}}).ppo
+    mask = torch.ones(4, 6, dtype=torch.long)
+    zeros = torch.zeros(4, 6)
+    ro = SimpleNamespace(scores=torch.full((4,), 10.0), ended=torch.ones(4, dtype=torch.bool), logprobs=zeros,
+                         ref_logprobs=zeros, values=zeros, mask=mask)
+    ppo.add_advantages(ro, spec, kl_coef=0.1)
+    assert (ro.advantages[:, 0] < 0).all() and (ro.advantages[:, -1] > 0).all()
+    assert torch.all(ro.advantages[:, 1:] > ro.advantages[:, :-1])  # a ramp, the same in every row
+    moments = RunningMoments()
+    ppo.update_score_moments(moments, ppo.penalised_scores(ro, spec))
+    ppo.add_advantages(ro, spec, kl_coef=0.1, moments=moments)
+    assert torch.count_nonzero(ro.advantages) == 0
