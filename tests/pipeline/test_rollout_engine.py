@@ -17,7 +17,7 @@ import transformers
 from raypeft.adapters import LoraConfig, PrefixTuningConfig, get_adapter_model
 from raypeft.adapters.generation_copy import GenerationCopy, foldable
 from raypeft.pipeline.config import GenerationSpec
-from raypeft.pipeline.rollout_engine import RolloutEngine, bucket_left
+from raypeft.pipeline.rollout_engine import RolloutEngine, bucket_left, input_grad_hooks_off
 
 PAD, EOS, NEW = 0, 2, 12
 
@@ -207,3 +207,21 @@ def test_quantized_base_folds_into_a_dense_copy() -> None:
     for name, p in model.named_parameters():
         if "lora_" not in name:
             assert torch.equal(p, quantized[name]), name
+
+
+def test_input_grad_hooks_are_off_while_generating_and_back_after() -> None:
+    """k-bit preparation's embedding hook (``requires_grad_`` on the output) breaks a compiled
+    decode step's graph; the engine lifts it for the call and puts it back for training."""
+    model = get_adapter_model(_base(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                              adapter_name="policy")
+    hf = next(m for m in model.modules() if isinstance(m, transformers.PreTrainedModel))
+    hf.enable_input_require_grads()
+    ids = torch.tensor([[5, 6, 7]])
+    embed = hf.get_input_embeddings()
+    embed.weight.requires_grad_(False)  # a frozen base: only the hook makes the output require grad
+    with torch.no_grad():
+        assert embed(ids).requires_grad is True  # the hook acts even under no_grad
+        with input_grad_hooks_off(model):
+            assert not any(getattr(m, "_require_grads_hooks", None) for m in model.modules())
+            assert embed(ids).requires_grad is False
+    assert embed(ids).requires_grad is True  # live again after the call: adapters below get gradients
