@@ -191,6 +191,11 @@ class DecodeLoop:
         self.sizes: list[int] = []  # batch size of each decode step group of the last call
 
     # ------------------------------------------------------------------ state
+    def release(self) -> None:
+        """Free every cache and cursor (the next call allocates them again and re-records its graphs)."""
+        self._slots.clear()
+        self._owner, self._capacity, self._width = None, 0, 0
+
     def _fit(self, lm: nn.Module, capacity: int, width: int, device: torch.device) -> None:
         """Drop every slot set unless it serves this model and is large enough (grown, never shrunk)."""
         owner = (id(lm), lm.dtype, device)
@@ -220,7 +225,8 @@ class DecodeLoop:
             return decode_step
         if self._compiled is None:
             # one graph per (batch size, sampling rule): more than dynamo's default 8 recompiles
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+            name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
             self._compiled = torch.compile(decode_step, mode="reduce-overhead", dynamic=False)
         return self._compiled
 
