@@ -8,14 +8,20 @@ batch, fp32 on CPU, so "the same" is exact (shapes and padding after eos include
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from raypeft.adapters import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_adapter_model
-from raypeft.pipeline.config import GenerationSpec
+from raypeft.pipeline import rollout
+from raypeft.pipeline.config import GenerationSpec, parse_config
 from raypeft.pipeline.decode_loop import DecodeLoop, DecodePlan, batch_ladder, plan_decode
+from raypeft.pipeline.modeling import adapter_config
+from raypeft.pipeline.roles import Roles
 from raypeft.pipeline.rollout_engine import RolloutEngine
+from raypeft.pipeline.stages import ppo
 from raypeft.pipeline.token_sampling import SamplingRule, filter_scores, pick_tokens
 
 from test_rollout_engine import EOS, NEW, PAD, _base, _prompts, _trained_like
@@ -95,6 +101,10 @@ def test_the_loop_keeps_its_state_between_calls_of_other_shapes(lora_model) -> N
             ids, mask = torch.cat([torch.full((3, 9), 5), ids], 1), torch.cat([torch.ones(3, 9, dtype=torch.long),
                                                                             mask], 1)
         assert torch.equal(_generate(engine, lora_model, ids, mask, [29]), _reference(lora_model, ids, mask, [29]))
+    assert engine.loop._slots
+    engine.loop.release()
+    assert not engine.loop._slots
+    assert torch.equal(_generate(engine, lora_model, ids, mask, [29]), _reference(lora_model, ids, mask, [29]))
 
 
 def test_sampled_tokens_repeat_under_a_seed(lora_model) -> None:
@@ -200,6 +210,47 @@ def test_what_the_loop_does_not_run_goes_to_generate(lora_model) -> None:
     assert got.shape[0] == 7
     assert plan_decode(lora_model.get_base_model(), sampling={"do_sample": True, "top_k": 0}, eos_token_id=None,
                        pad_token_id=PAD, max_new_tokens=4) == DecodePlan(SamplingRule(True), (), PAD, 4)
+
+
+def test_pad_token_that_is_also_the_eos(lora_model) -> None:
+    ids, mask = _prompts()
+    with torch.no_grad():
+        expected = lora_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                       pad_token_id=29, eos_token_id=29)[:, ids.shape[1]:]
+    engine = _own(drop_finished=True)
+    got = engine.generate(lora_model, "policy", ids, mask, pad_token_id=29, eos_token_id=29,
+                          sampling={"do_sample": False})
+    assert torch.equal(got, expected)
+
+
+def test_ppo_rollouts_sample_through_the_own_loop() -> None:
+    """``rollout.sample`` (PPO's and GRPO's sampling) with ``decode_loop: own`` from the YAML: the
+    policy and the bare base both decode in the own loop; at a temperature so low that sampling is
+    greedy, the rollout is the one ``generate`` samples."""
+    cfg = parse_config({"adapter": {"r": 4, "lora_alpha": 8}, "ppo": {"rollout_batch_size": 8, "minibatches": 2,
+                        "generation": {"max_new_tokens": 6, "temperature": 1e-5, "decode_loop": "own",
+                                       "drop_finished": True, "fold_adapter": True}}})
+    roles = Roles(_base())
+    roles.add(ppo.POLICY, adapter_config(cfg.adapter, cfg.model), trainable=True)
+    roles.add_base(ppo.REFERENCE)
+    _trained_like(roles.model)
+    roles.eval()
+    tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=29)
+    ids, mask = _prompts(rows=8)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    hf = cfg.ppo.generation.model_copy(update={"decode_loop": "hf", "drop_finished": False})
+    lengths = {}
+    for role in (ppo.POLICY, ppo.REFERENCE):
+        own_engine = RolloutEngine(cfg.ppo.generation)
+        torch.manual_seed(0)
+        own = rollout.sample(roles, role, batch, cfg.ppo.generation, tokenizer, engine=own_engine)
+        torch.manual_seed(0)
+        reference = rollout.sample(roles, role, batch, hf, tokenizer)
+        assert own_engine.last_path == "own"
+        for name in ("input_ids", "attention_mask", "tokens", "mask", "ended"):
+            assert torch.equal(getattr(own, name), getattr(reference, name)), (role, name)
+        lengths[role] = set(own.mask.sum(1).tolist())
+    assert len(lengths[ppo.POLICY]) > 1  # the policy's rows end at different steps
 
 
 def test_drop_finished_needs_the_own_loop() -> None:
