@@ -32,6 +32,7 @@ import argparse
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -71,6 +72,59 @@ def kept_tokens(out: torch.Tensor, stops: list[int]) -> int:
     return int(lengths.sum())
 
 
+def make_call(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, levers: dict, new: int,
+              stops: list[int]) -> Callable[..., torch.Tensor]:
+    """One seeded ``RolloutEngine.generate`` call of a fresh engine with ``levers`` (its engine as
+    ``call.engine``); ``call(stops=...)`` overrides the stop tokens."""
+    engine = RolloutEngine(GenerationSpec(max_new_tokens=new, **levers))
+
+    def call(stops: list[int] = stops) -> torch.Tensor:
+        torch.manual_seed(0)
+        return engine.generate(model, "policy", ids, mask, pad_token_id=0, eos_token_id=stops,
+                               sampling={"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
+
+    call.engine = engine  # type: ignore[attr-defined]
+    return call
+
+
+def measure(name: str, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, every: int,
+            args: argparse.Namespace, device: torch.device) -> tuple[list, dict, Callable[..., torch.Tensor]]:
+    """The report row and JSON record of variant ``name`` in stop regime ``every`` (speed-up left
+    1), and its warmed-up call (for a profile)."""
+    what, levers = VARIANTS[name]
+    vocab = model.config.vocab_size
+    stops = stop_tokens(vocab, every)
+    call = make_call(model, ids, mask, levers, args.new, stops)
+    engine = call.engine
+    t0 = time.perf_counter()
+    out = call()
+    if levers.get("drop_finished"):  # rows that end early: every batch size of the ladder compiles now
+        call(stops=stop_tokens(vocab, 8))
+    sync(device)
+    first = time.perf_counter() - t0
+    assert out.shape[0] == args.batch and (every or out.shape[1] == args.new), out.shape
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, kept, steps = [], [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        out = call()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        kept.append(kept_tokens(out, stops))
+        steps.append(out.shape[1])
+    rate = statistics.median(k / t for k, t in zip(kept, times))
+    step_ms = statistics.median(1000 * t / n for t, n in zip(times, steps))
+    alloc = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else float("nan")
+    row = [f"{name}: {what}", every, engine.last_path, rate, step_ms, 1.0, alloc, reserved, first]
+    record = {"variant": name, "what": what, "levers": levers, "stop_every": every, "path": engine.last_path,
+              "tokens_per_s": rate, "ms_per_step": step_ms, "speedup": 1.0, "peak_allocated_gib": alloc,
+              "peak_reserved_gib": reserved, "first_call_s": first, "times_s": times, "kept_tokens": kept,
+              "steps": steps, "batch_sizes": list(engine.loop.sizes) if engine.last_path == "own" else None}
+    return row, record, call
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -106,49 +160,24 @@ def main(argv: list[str] | None = None) -> int:
                         "speed-up is against today in the same regime")
     chosen = [v for v in args.variants.split(",") if v]
     for every in [int(x) for x in args.stop_every.split(",") if x]:
-        stops = stop_tokens(vocab, every)
         base_rate = None
         for name in chosen:
-            what, levers = VARIANTS[name]
-            engine = RolloutEngine(GenerationSpec(max_new_tokens=args.new, **levers))
-
-            def call(engine: RolloutEngine = engine, stops: list[int] = stops) -> torch.Tensor:
-                torch.manual_seed(0)
-                return engine.generate(model, "policy", ids, mask, pad_token_id=0, eos_token_id=stops,
-                                       sampling={"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
-
-            t0 = time.perf_counter()
-            out = call()
-            if levers.get("drop_finished"):  # rows that end early: every batch size of the ladder compiles now
-                call(stops=stop_tokens(vocab, 8))
-            sync(device)
-            first = time.perf_counter() - t0
-            assert out.shape[0] == args.batch and (every or out.shape[1] == args.new), out.shape
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times, kept, steps = [], [], []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                out = call()
-                sync(device)
-                times.append(time.perf_counter() - t0)
-                kept.append(kept_tokens(out, stops))
-                steps.append(out.shape[1])
-            rate = statistics.median(k / t for k, t in zip(kept, times))
-            step_ms = statistics.median(1000 * t / n for t, n in zip(times, steps))
-            base_rate = base_rate or rate
-            alloc = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-            reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else float("nan")
-            report.add([f"{name}: {what}", every, engine.last_path, rate, step_ms, rate / base_rate, alloc,
-                        reserved, first],
-                       {"variant": name, "what": what, "levers": levers, "stop_every": every,
-                        "path": engine.last_path, "tokens_per_s": rate, "ms_per_step": step_ms,
-                        "speedup": rate / base_rate, "peak_allocated_gib": alloc, "peak_reserved_gib": reserved,
-                        "first_call_s": first, "times_s": times, "kept_tokens": kept, "steps": steps,
-                        "batch_sizes": list(engine.loop.sizes) if engine.last_path == "own" else None})
+            what = VARIANTS[name][0]
+            try:
+                row, record, call = measure(name, model, ids, mask, every, args, device)
+            except Exception as err:  # noqa: BLE001 - one failed variant must not cost the others' GPU time
+                traceback.print_exc()
+                error = f"{type(err).__name__}: {err}"
+                report.add([f"{name}: {what}", every, f"failed: {error[:200]}"] + [float("nan")] * 6,
+                           {"variant": name, "what": what, "stop_every": every, "error": error})
+                continue
+            base_rate = base_rate or record["tokens_per_s"]
+            record["speedup"] = row[5] = record["tokens_per_s"] / base_rate
+            report.add(row, record)
             if name == args.profile:
                 profile(call, device, RESULTS / f"profile_rollout_{name}_{args.size}_stop{every}_{device.type}.txt")
-            del engine, call
+            call.engine.loop.release()
+            del call
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return 0
