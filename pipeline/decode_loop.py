@@ -41,7 +41,8 @@ the others). Sampled tokens are drawn per slot, so dropping changes which random
 gets, not its distribution.
 
 Supported: decoder-only transformers models whose static cache layers are all full attention and
-count their own positions (transformers 5), greedy or sampling with temperature / top-k / top-p
+count their own positions (transformers 5: checked on 5.17, whose forward takes ``past_key_values``,
+and 5.24, where it is ``cache``; :func:`adapters.virtual_tokens.cache_name` picks), greedy or sampling with temperature / top-k / top-p
 (the settings resolved by transformers from the call's keywords and the model's generation
 config, so the defaults are ``generate``'s). Anything else (:func:`plan_decode` says why) is left
 to ``generate`` by the caller.
@@ -90,11 +91,10 @@ def plan_decode(lm: nn.Module, *, sampling: dict[str, Any], eos_token_id: int | 
     cannot run them (a one-line reason; the caller then uses ``generate``)."""
     if getattr(lm.config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
-    if cache_name(lm) != "cache":
-        return "transformers before 5.24 (its static cache does not count its own positions)"
     try:
         if not _static_layers_ok(lm):
-            return "a model with sliding-window or other non-static cache layers"
+            return ("a static cache with sliding-window or other layers, or one that does not count its own "
+                    "positions (transformers before 5)")
         config, _ = lm._prepare_generation_config(None, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
                                                   eos_token_id=eos_token_id, **sampling)
         mode = config.get_generation_mode()
