@@ -15,9 +15,10 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from raypeft.adapters import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_adapter_model
+from raypeft.adapters.generation_copy import GenerationCopy
 from raypeft.pipeline import rollout
 from raypeft.pipeline.config import GenerationSpec, parse_config
-from raypeft.pipeline.decode_loop import DecodeLoop, DecodePlan, batch_ladder, plan_decode
+from raypeft.pipeline.decode_loop import DecodeLoop, DecodePlan, batch_ladder, decode_step, plan_decode
 from raypeft.pipeline.modeling import adapter_config
 from raypeft.pipeline.roles import Roles
 from raypeft.pipeline.rollout_engine import RolloutEngine
@@ -266,27 +267,86 @@ def test_batch_ladder() -> None:
     assert batch_ladder(4) == [4]
 
 
+def _mid_decode(loop: DecodeLoop, lm, ids, mask, plan: DecodePlan):
+    """The slots of ``loop`` after a call, with their cursors put back to the first decode step."""
+    loop.generate(lm, ids, mask, plan)
+    s = loop._slots[ids.shape[0]]
+    s.step.fill_(1)
+    for layer in s.cache.layers:
+        layer.cumulative_length.fill_(ids.shape[1] + 1)
+    return s
+
+
+@pytest.mark.parametrize("sampling", [{"do_sample": False}, {"do_sample": True, "temperature": 0.7, "top_k": 20,
+                                                            "top_p": 0.9}], ids=["greedy", "sampled"])
+def test_the_step_traces_as_one_graph(lora_model, sampling: dict) -> None:
+    """What CUDA graphs capture: dynamo sees the whole step (the folded forward, the sampling, the
+    cursors) as one graph without a break. Traced on CPU; nothing is compiled."""
+    lm = lora_model.get_base_model()
+    ids, mask = _prompts()
+    plan = plan_decode(lm, sampling=sampling, eos_token_id=[29], pad_token_id=PAD, max_new_tokens=NEW)
+    with GenerationCopy(lora_model, "policy").swapped_in():
+        s = _mid_decode(DecodeLoop(), lm, ids, mask, plan)
+        explained = torch._dynamo.explain(decode_step)(lm, "cache", s, torch.tensor([29]), PAD, plan.rule)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.slow
+def test_the_compiled_step_keeps_the_tokens_on_cpu(lora_model, monkeypatch) -> None:
+    """The step compiled by inductor (on CPU: no graphs) decodes the same tokens, with dropping,
+    and a second call recompiles nothing (minutes: two compilations, one per batch size)."""
+    lm = lora_model.get_base_model()
+    ids, mask = _prompts(rows=8)
+    plan = plan_decode(lm, sampling={"do_sample": False}, eos_token_id=[31, 10, 48], pad_token_id=PAD,
+                       max_new_tokens=NEW)
+    loop = DecodeLoop(drop_finished=True, check_every=4, min_rows=4)
+    compiled = torch.compile(decode_step, dynamic=False)
+    monkeypatch.setattr(loop, "_step_fn", lambda device: compiled)
+    expected = _reference(lora_model, ids, mask, [31, 10, 48])
+    torch._dynamo.reset()
+    for _ in range(2):
+        assert torch.equal(loop.generate(lm, ids, mask, plan), expected)
+        assert loop.sizes == [8, 4]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def _logit_gaps(model, ids, mask, generated, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced check of generated tokens: per kept token, how far its logit is below the
+    position's largest, and its rank (0: the argmax), both ``[N]`` over every row's kept tokens."""
+    ro = rollout.pack(ids.cpu(), mask.cpu(), generated.cpu(), eos, PAD)
+    with torch.no_grad():
+        logits = model(input_ids=ro.input_ids.to(ids.device), attention_mask=ro.attention_mask.to(ids.device)).logits
+    picked = rollout.gather_positions(logits[:, :-1].float().cpu(), ro.index)  # [B, T, V]
+    chosen = picked.gather(-1, ro.tokens[..., None])  # [B, T, 1]
+    kept = ro.mask.bool()
+    return (picked.max(-1).values - chosen[..., 0])[kept], (picked > chosen).sum(-1)[kept]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_the_compiled_step_on_cuda_keeps_the_tokens() -> None:
-    """The CUDA-graphed step (compile) against the eager step and generate, fp32 on the GPU, with
-    dropping; then sampled runs repeat under a seed, and replays reuse the graphs."""
+def test_the_compiled_step_on_cuda_picks_what_the_model_says() -> None:
+    """The CUDA-graphed step (compile) with dropping, fp32 on the GPU, checked against the model
+    itself: every greedy token is the argmax of a plain forward over prompt + response (up to
+    1e-4 of a logit: GPU kernels round differently with the cache's shape), every top-k sample is
+    within the top k; sampled runs repeat under a seed, and later calls replay the same graphs."""
     model = get_adapter_model(_base(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
                               adapter_name="policy")
     _trained_like(model)
     model = model.cuda().eval()
     ids, mask = (t.cuda() for t in _prompts(rows=16))
-    expected = _reference(model, ids, mask, [29, 31])
-    eager = _own(fold_adapter=True, drop_finished=True)
-    compiled = _own(fold_adapter=True, drop_finished=True, compile=True)
-    compiled.loop.check_every = 2
-    assert torch.equal(_generate(eager, model, ids, mask, [29, 31]), expected)
+    engine = _own(fold_adapter=True, drop_finished=True, compile=True)
+    engine.loop.check_every, engine.loop.min_rows = 2, 4
     for _ in range(3):
-        assert torch.equal(_generate(compiled, model, ids, mask, [29, 31]), expected)
-    assert compiled.loop._compiled is not None and compiled.last_path == "own"
-    sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.9}
+        greedy = _generate(engine, model, ids, mask, [29])
+        assert engine.last_path == "own" and engine.loop._compiled is not None
+        gaps, _ = _logit_gaps(model, ids, mask, greedy, 29)
+        assert gaps.max() < 1e-4, gaps.max()
+    assert len(engine.loop.sizes) > 1  # rows were dropped
+    sampling = {"do_sample": True, "temperature": 0.8, "top_k": 5}
     runs = []
-    for seed in (0, 0):
-        torch.manual_seed(seed)
-        runs.append(_generate(compiled, model, ids, mask, [29], sampling))
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(_generate(engine, model, ids, mask, [29], sampling))
     assert torch.equal(runs[0], runs[1])
+    _, ranks = _logit_gaps(model, ids, mask, runs[0], 29)
+    assert ranks.max() < 5 and ranks.float().mean() > 0  # within the top 5, and not always the argmax
