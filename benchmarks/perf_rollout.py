@@ -54,7 +54,10 @@ VARIANTS = {  # name: (what it is, GenerationSpec levers)
     "own": ("folded copy, own loop, CUDA-graphed step", {**_FOLDED_STATIC, "decode_loop": "own"}),
     "own-drop": ("folded copy, own loop, CUDA-graphed step, drops finished rows",
                  {**_FOLDED_STATIC, "decode_loop": "own", "drop_finished": True}),
+    "own-eager": ("folded copy, own loop, eager step (what the graph saves)",
+                  {"fold_adapter": True, "prompt_bucket": 64, "decode_loop": "own"}),
 }
+DEFAULT_VARIANTS = "today,folded,static,folded-static,own,own-drop"
 
 
 def stop_tokens(vocab: int, every: int) -> list[int]:
@@ -133,10 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated names of VARIANTS ({', '.join(VARIANTS)})")
     parser.add_argument("--stop-every", default="0", help="comma-separated mean row lengths; 0: rows never end")
     parser.add_argument("--profile", default="", help="a variant to profile once more (torch.profiler)")
     args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = build_llama(args.size, device, dtype)
