@@ -1,7 +1,7 @@
 """Rollout generation: today's path against the rollout engine's levers, side by side in one run.
 
-    python benchmarks/perf_rollout.py --device cuda --size 1b            # one H200: about 5 minutes
-    python benchmarks/perf_rollout.py --device cuda --size 1b --stop-every 0,128   # also with rows that end
+    python benchmarks/perf_rollout.py --device cuda --size 1b            # one H200: 3 min without the own loop
+    python benchmarks/perf_rollout.py --device cuda --size 1b --stop-every 0,128 --profile own   # + rows that end
     python benchmarks/perf_rollout.py --device cuda --size 8b --repeats 1
     python benchmarks/perf_rollout.py --device cpu --size tiny --batch 8 --prompt-len 32 --new 32
 
