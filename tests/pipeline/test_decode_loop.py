@@ -8,6 +8,7 @@ batch, fp32 on CPU, so "the same" is exact (shapes and padding after eos include
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -211,6 +212,24 @@ def test_what_the_loop_does_not_run_goes_to_generate(lora_model) -> None:
     assert got.shape[0] == 7
     assert plan_decode(lora_model.get_base_model(), sampling={"do_sample": True, "top_k": 0}, eos_token_id=None,
                        pad_token_id=PAD, max_new_tokens=4) == DecodePlan(SamplingRule(True), (), PAD, 4)
+
+
+def test_a_4bit_base_unmerged_and_folded() -> None:
+    pytest.importorskip("bitsandbytes")
+    from raypeft.adapters import quantize_linear_layers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = quantize_linear_layers(_base(hidden=128), 4, compute_dtype=torch.float32)  # whole 4-bit blocks
+    model = get_adapter_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), adapter_name="policy")
+    _trained_like(model)
+    model.eval()
+    ids, mask = _prompts()
+    expected = _reference(model, ids, mask, EOS)  # bitsandbytes repacks its CPU layout on first use
+    for levers in ({}, {"fold_adapter": True, "drop_finished": True}):
+        engine = _own(**levers)
+        assert torch.equal(_generate(engine, model, ids, mask, EOS), expected)
+        assert engine.last_path == "own"
 
 
 def test_pad_token_that_is_also_the_eos(lora_model) -> None:
