@@ -173,15 +173,18 @@ class DecodeLoop:
     captured graph is replayed, not re-recorded.
 
     ``compile``: compile the step (CUDA graphs) when the model is on CUDA; ``drop_finished``: move
-    live rows to a smaller batch when they fit one; ``check_every``/``min_rows``: see the module.
+    live rows to a smaller batch when they fit one; ``check_every``/``min_rows``: see the module;
+    ``pad_to_kept``: decode a call with fewer rows than a kept batch size at that size (None: when
+    the step is a replayed graph).
     """
 
     def __init__(self, *, compile: bool = False, drop_finished: bool = False, check_every: int = CHECK_EVERY,
-                 min_rows: int = MIN_ROWS) -> None:
+                 min_rows: int = MIN_ROWS, pad_to_kept: bool | None = None) -> None:
         if check_every < 1 or min_rows < 1:
             raise ValueError(f"check_every and min_rows must be at least 1, got {check_every}, {min_rows}")
         self.compile, self.drop_finished = compile, drop_finished
         self.check_every, self.min_rows = check_every, min_rows
+        self.pad_to_kept = pad_to_kept
         self._slots: dict[int, _Slots] = {}
         self._owner: tuple[int, torch.dtype, torch.device] | None = None
         self._capacity = 0  # C: cache positions of every slot set
@@ -220,6 +223,15 @@ class DecodeLoop:
                 torch._dynamo.mark_static_address(t)
         return s
 
+    def _batch_size(self, rows: int, *, replays: bool) -> int:
+        """The batch size a call of ``rows`` rows decodes at: with replayed graphs, the smallest
+        kept size that holds them (a smaller last chunk reuses the graphs of the full chunks: on a
+        memory-bound GPU the filler rows cost less than compiling and recording a new size), else
+        ``rows`` (``pad_to_kept`` overrides)."""
+        pad = replays if self.pad_to_kept is None else self.pad_to_kept
+        kept = [size for size in self._slots if size >= rows]
+        return min(kept) if pad and kept else rows
+
     def _step_fn(self, device: torch.device) -> Any:
         if not (self.compile and device.type == "cuda"):
             return decode_step
@@ -239,7 +251,12 @@ class DecodeLoop:
         rows, width = input_ids.shape
         new, device = plan.max_new_tokens, input_ids.device
         self._fit(lm, width + new, new, device)
-        s = self._slots_for(lm, rows, device)
+        step = self._step_fn(device)
+        size = self._batch_size(rows, replays=step is not decode_step)
+        if size > rows:  # filler rows (copies of the first, done from the start) fill a kept batch size
+            input_ids = torch.cat([input_ids, input_ids[:1].expand(size - rows, -1)])
+            attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(size - rows, -1)])
+        s = self._slots_for(lm, size, device)
         eos = torch.tensor(plan.eos or (-1,), dtype=torch.long, device=device)  # -1 never matches
         cache_kw = cache_name(lm)
         result = torch.full((rows, new), plan.pad, dtype=torch.long, device=device)
@@ -251,18 +268,19 @@ class DecodeLoop:
         s.mask.fill_(True)
         s.mask[:, :width] = mask
         s.done.zero_()
+        s.done[rows:] = True
         s.history.fill_(plan.pad)
         s.step.zero_()
-        s.rows.copy_(torch.arange(rows, device=device))
+        s.rows.copy_(torch.arange(size, device=device))
+        s.rows[rows:] = -1
         out = lm(input_ids=input_ids, attention_mask=s.mask, position_ids=positions, use_cache=True,
                  logits_to_keep=1, **{cache_kw: s.cache})
         s.positions.copy_(positions[:, -1:])
         _record(s, pick_tokens(out.logits[:, -1], plan.rule), eos, plan.pad)
         del out
 
-        step = self._step_fn(device)
-        ladder = batch_ladder(rows, self.min_rows) if self.drop_finished else [rows]
-        self.steps, self.sizes = 0, [rows]
+        ladder = batch_ladder(size, self.min_rows) if self.drop_finished else [size]
+        self.steps, self.sizes = 0, [size]
         for t in range(1, new):
             if (t - 1) % self.check_every == 0:
                 live = int((~s.done).sum())

@@ -109,6 +109,17 @@ def test_the_loop_keeps_its_state_between_calls_of_other_shapes(lora_model) -> N
     assert torch.equal(_generate(engine, lora_model, ids, mask, [29]), _reference(lora_model, ids, mask, [29]))
 
 
+@pytest.mark.parametrize("drop", [False, True])
+def test_a_smaller_last_chunk_decodes_at_the_kept_size(lora_model, drop: bool) -> None:
+    """With replayed graphs (forced here on CPU) a 3-row last chunk runs in the 4-row slots, its
+    filler row done from the start and never returned."""
+    ids, mask = _prompts()
+    engine = _own(batch_size=4, drop_finished=drop)
+    engine.loop.pad_to_kept = True
+    assert torch.equal(_generate(engine, lora_model, ids, mask, [31, 10]), _reference(lora_model, ids, mask, [31, 10]))
+    assert engine.loop.sizes[0] == 4 and sorted(engine.loop._slots)[-1] == 4
+
+
 def test_sampled_tokens_repeat_under_a_seed(lora_model) -> None:
     ids, mask = _prompts()
     sampling = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9}
