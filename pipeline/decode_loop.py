@@ -40,12 +40,16 @@ decoding the tokens are the same as without dropping (each row's computation is 
 the others). Sampled tokens are drawn per slot, so dropping changes which random numbers a row
 gets, not its distribution.
 
+The slots of every batch size are kept from call to call (a graph replays on the addresses it was
+recorded with); with replayed graphs a call with fewer rows than a kept size runs at that size,
+its filler rows done from the start. :meth:`DecodeLoop.release` frees them.
+
 Supported: decoder-only transformers models whose static cache layers are all full attention and
-count their own positions (transformers 5: checked on 5.17, whose forward takes ``past_key_values``,
-and 5.24, where it is ``cache``; :func:`adapters.virtual_tokens.cache_name` picks), greedy or sampling with temperature / top-k / top-p
-(the settings resolved by transformers from the call's keywords and the model's generation
-config, so the defaults are ``generate``'s). Anything else (:func:`plan_decode` says why) is left
-to ``generate`` by the caller.
+count their own positions (transformers 5: checked on 5.17, whose forward takes
+``past_key_values``, and 5.24, where it is ``cache``; ``adapters.virtual_tokens.cache_name``
+picks), greedy or sampling with temperature / top-k / top-p (the settings resolved by
+transformers from the call's keywords and the model's generation config, so the defaults are
+``generate``'s). Anything else (:func:`plan_decode` says why) is left to ``generate`` by the caller.
 """
 
 from __future__ import annotations
