@@ -334,10 +334,11 @@ def test_the_compiled_step_keeps_the_tokens_on_cpu(lora_model, monkeypatch) -> N
     monkeypatch.setattr(loop, "_step_fn", lambda device: compiled)
     expected = _reference(lora_model, ids, mask, [31, 10, 48])
     torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # the count outlives a reset
     for _ in range(2):
         assert torch.equal(loop.generate(lm, ids, mask, plan), expected)
         assert loop.sizes == [8, 4]
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
 
 
 def _logit_gaps(model, ids, mask, generated, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
