@@ -15,7 +15,13 @@ left-padded prompt row, ``[B, T]`` right-padded with the pad id, whatever levers
   decode step; CUDA); virtual-token adapters keep the dynamic cache their prefix lives in;
 - ``prompt_bucket``: extra left padding to a multiple of it, so a static cache and a compiled
   step see a few prompt shapes instead of one per batch. Left padding is masked out and the
-  position ids follow the mask, so it changes no token.
+  position ids follow the mask, so it changes no token;
+- ``decode_loop: own``: our decode loop (``pipeline.decode_loop``: a static cache, one CUDA-graphed
+  step per token with ``compile``, sampling in the graph, ``drop_finished`` to shrink the batch as
+  rows end) instead of ``generate``. It runs the plain transformers model under the adapter, so
+  virtual-token adapters (whose prefix ``generate`` feeds), per-row inputs (``task_ids``), ZeRO-3
+  (``synced_gpus``), extra ``generate`` keywords and settings it does not implement take
+  ``generate``; :meth:`RolloutEngine.own_plan` says which and why.
 
 Greedy decoding through the engine gives today's unmerged tokens (fp32 on CPU: the same tokens;
 ``tests/pipeline/test_rollout_engine.py``). A later external engine (vLLM behind a Ray actor)
@@ -32,8 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from raypeft.adapters.generation_copy import GenerationCopy, foldable
+from raypeft.adapters.model import AdapterModel
 from raypeft.adapters.virtual_tokens import PromptLearningConfig
 from raypeft.pipeline.config import GenerationSpec
+from raypeft.pipeline.decode_loop import DecodeLoop, DecodePlan, plan_decode
 
 
 def _partitioned(model: nn.Module) -> bool:
@@ -44,6 +52,11 @@ def _partitioned(model: nn.Module) -> bool:
 def _is_virtual(model: nn.Module, adapter: str | None) -> bool:
     config = getattr(model, "peft_config", {}).get(adapter) if adapter is not None else None
     return isinstance(config, PromptLearningConfig)
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model under an ``AdapterModel`` (its forward, for weight-space adapters)."""
+    return model.get_base_model() if isinstance(model, AdapterModel) else model
 
 
 def bucket_left(input_ids: torch.Tensor, attention_mask: torch.Tensor, bucket: int,
@@ -83,11 +96,32 @@ class RolloutEngine:
     def __init__(self, spec: GenerationSpec) -> None:
         self.spec = spec
         self._copies: dict[str, GenerationCopy] = {}
+        self.loop = DecodeLoop(compile=spec.compile, drop_finished=spec.drop_finished)
+        self.last_path = ""  # "own" or "hf": how the last call generated (tests and benchmarks read it)
 
     def folds(self, model: nn.Module, adapter: str | None, generate_kwargs: dict[str, Any]) -> bool:
         """Whether this call samples from a folded copy."""
         return (self.spec.fold_adapter and adapter is not None and not generate_kwargs.get("synced_gpus")
                 and not _partitioned(model) and foldable(model, adapter))
+
+    def own_plan(self, model: nn.Module, adapter: str | None, *, sampling: dict[str, Any],
+                 eos_token_id: int | list[int] | None, pad_token_id: int, max_new_tokens: int,
+                 generate_kwargs: dict[str, Any] | None = None,
+                 row_inputs: dict[str, torch.Tensor] | None = None) -> DecodePlan | str:
+        """The own loop's plan for this call, or why it goes through ``generate`` (a reason)."""
+        if self.spec.decode_loop != "own":
+            return "decode_loop: hf"
+        if _is_virtual(model, adapter):
+            return "a virtual-token adapter (generate feeds its prefix)"
+        if row_inputs:
+            return f"per-row inputs {sorted(row_inputs)}"
+        if _partitioned(model) or (generate_kwargs or {}).get("synced_gpus"):
+            return "ZeRO-3 partitioned weights (synced generation)"
+        other = sorted(k for k in (generate_kwargs or {}) if k != "synced_gpus")
+        if other:
+            return f"generate keywords {other}"
+        return plan_decode(_transformers_model(model), sampling=sampling, eos_token_id=eos_token_id,
+                           pad_token_id=pad_token_id, max_new_tokens=max_new_tokens)
 
     def _copy(self, model: nn.Module, adapter: str) -> GenerationCopy:
         copy = self._copies.get(adapter)
@@ -109,11 +143,15 @@ class RolloutEngine:
         ``row_inputs``: per-row tensors ``generate`` takes besides the prompt (``task_ids``).
         """
         spec = self.spec
+        new = max_new_tokens if max_new_tokens is not None else spec.max_new_tokens
+        plan = self.own_plan(model, adapter, sampling=sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                             max_new_tokens=new, generate_kwargs=generate_kwargs, row_inputs=row_inputs)
+        own = isinstance(plan, DecodePlan)
+        self.last_path = "own" if own else "hf"
         extra = dict(generate_kwargs or {})
         virtual = _is_virtual(model, adapter)
         if spec.cache == "static" and not virtual:
             extra.update(cache_implementation="static", disable_compile=not spec.compile)
-        new = max_new_tokens if max_new_tokens is not None else spec.max_new_tokens
         size = spec.batch_size or input_ids.shape[0]
         fold = self.folds(model, adapter, extra)
         copy = self._copy(model, adapter) if fold else None
@@ -122,11 +160,14 @@ class RolloutEngine:
             ids, mask = input_ids[start:start + size], attention_mask[start:start + size]
             ids, mask = bucket_left(ids, mask, spec.prompt_bucket, pad_token_id)
             rows = {k: v[start:start + size] for k, v in (row_inputs or {}).items()}
-            kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, pad_token_id=pad_token_id,
-                          eos_token_id=eos_token_id, **sampling, **rows, **extra)
             hooks_off = input_grad_hooks_off(model) if spec.compile else contextlib.nullcontext()
             with hooks_off, (copy.swapped_in() if copy is not None else contextlib.nullcontext()):
-                out = model.generate(**kwargs)
-            outputs.append(out[:, ids.shape[1]:])
+                if own:
+                    outputs.append(self.loop.generate(_transformers_model(model), ids, mask, plan))
+                else:
+                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                         pad_token_id=pad_token_id, eos_token_id=eos_token_id, **sampling, **rows,
+                                         **extra)
+                    outputs.append(out[:, ids.shape[1]:])
         width = max(o.shape[1] for o in outputs)
         return torch.cat([F.pad(o, (0, width - o.shape[1]), value=pad_token_id) for o in outputs])

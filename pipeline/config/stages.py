@@ -112,6 +112,10 @@ class GenerationSpec(StrictModel):
     under ZeRO-3; other adapters sample unmerged); ``cache: static`` preallocates the KV cache,
     which ``compile`` lets transformers compile the decode step over (CUDA); ``prompt_bucket``
     left-pads prompts to a multiple of it so a static cache sees few distinct shapes.
+    ``decode_loop``: ``hf`` calls transformers' ``generate``; ``own`` runs ``pipeline.decode_loop``
+    (prefill into a static cache, then one fixed-shape step per token, a CUDA graph with
+    ``compile``; ``cache`` does not apply to it) wherever it supports the call, else ``generate``;
+    ``drop_finished`` (own loop only) moves the live rows to a smaller batch once they fit one.
     """
 
     max_new_tokens: int = Field(default=48, gt=0)
@@ -123,6 +127,15 @@ class GenerationSpec(StrictModel):
     cache: Literal["dynamic", "static"] = "dynamic"
     compile: bool = False
     prompt_bucket: int = Field(default=0, ge=0)
+    decode_loop: Literal["hf", "own"] = "hf"
+    drop_finished: bool = False
+
+    @field_validator("drop_finished")
+    @classmethod
+    def _drop_needs_own_loop(cls, v: bool, info) -> bool:
+        if v and info.data.get("decode_loop") != "own":
+            raise ValueError("needs decode_loop: own (generate keeps every row to the end)")
+        return v
 
 
 class KLSpec(StrictModel):

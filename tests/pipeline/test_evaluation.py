@@ -10,7 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForCondition
 from raypeft.pipeline.demo import DemoSettings
 from raypeft.pipeline.demo.corpus import generate_corpus
 from raypeft.pipeline.demo.tokenizer import train_tokenizer
+from raypeft.pipeline.config import GenerationSpec
 from raypeft.pipeline.evaluation import generate_responses, rouge_scores
+from raypeft.pipeline.rollout_engine import RolloutEngine
 
 
 def test_rouge_matches_rouge_score_with_stemming() -> None:
@@ -60,6 +62,18 @@ def test_batched_left_padded_generation_equals_one_by_one(tokenizer) -> None:
     if tokenizer.eos_token_id in new:
         new = new[: new.index(tokenizer.eos_token_id)]
     assert single[1] == tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_generation_through_the_own_decode_loop_gives_the_same_texts(tokenizer) -> None:
+    """Held-out ROUGE generates through the stage's rollout engine: with ``decode_loop: own`` (and
+    finished rows dropped) the texts are ``generate``'s."""
+    model = _llama(tokenizer)
+    prompts = ["Anna: Do you want coffee?\nSummary:", "Ben: hi\nSummary:", "Clara: See you at the park on Monday",
+               "Dan: no\nSummary:", "Eve: where is the cafe?"]
+    plain = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4)
+    engine = RolloutEngine(GenerationSpec(decode_loop="own", drop_finished=True))
+    assert generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, engine=engine) == plain
+    assert engine.last_path == "own"
 
 
 def test_training_mode_is_restored(tokenizer) -> None:
