@@ -327,14 +327,21 @@ def batch_shape(cfg: RunConfig) -> BatchShape:
 
 
 def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
-    """The SFT rows held-out ROUGE reads (with ``eval.rouge``), the prompts, and room for a prompt
-    beside the longest response within ``data.max_length``."""
+    """The SFT rows held-out ROUGE reads (with ``eval.rouge``), the prompts, room for a prompt
+    beside the longest response within ``data.max_length``, and enough prompts for the held-out
+    ones and one rollout batch on every worker."""
     if cfg.eval.rouge:
         sft_rows(cfg)
-    prompt_rows(cfg, cfg.ppo.data, "ppo.data")
+    n_rows = len(prompt_rows(cfg, cfg.ppo.data, "ppo.data"))
     if cfg.ppo.generation.max_new_tokens > cfg.data.max_length - 8:
         raise ConfigError(f"ppo.generation.max_new_tokens: {cfg.ppo.generation.max_new_tokens} leaves no room "
                           f"for a prompt within data.max_length={cfg.data.max_length}")
+    if cfg.ppo.eval_prompts >= n_rows:
+        raise ConfigError(f"ppo.eval_prompts: {cfg.ppo.eval_prompts} held-out prompts leave none of the {n_rows} "
+                          "prompt rows of ppo.data.source for training")
+    common.require_batches(n_rows - cfg.ppo.eval_prompts, cfg.ppo.rollout_batch_size, cfg.scaling.num_workers,
+                           field="ppo.rollout_batch_size",
+                           rows=f"ppo.data.source ({n_rows} rows less ppo.eval_prompts={cfg.ppo.eval_prompts})")
 
 
 STAGE = Stage(

@@ -135,8 +135,11 @@ def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
     """The SFT rows and their columns; rows over ``data.max_length`` refused (``data.truncation:
     error``) or counted in a warning."""
     train, _ = sft_rows(cfg)
-    _, report = tokenized_sft(cfg, train, tokenizer)
+    rows, report = tokenized_sft(cfg, train, tokenizer)
     report_truncation("data.source", report.truncated, report.rows, cfg.data.max_length, warn)
+    common.require_batches(len(rows), cfg.sft.batch_size, cfg.scaling.num_workers, field="sft.batch_size",
+                           rows="data.source (after the held-out rows)", need=cfg.sft.grad_accum,
+                           need_why=f"sft.grad_accum={cfg.sft.grad_accum}")
 
 
 STAGE = Stage(
