@@ -9,35 +9,37 @@ What the loop itself calls on each worker is ``pipeline.engine``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import ray
 from ray.train import FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raypeft.pipeline import nonfinite_loss
+from raypeft.pipeline import nonfinite_loss, ray_cluster
 from raypeft.pipeline.config import RunConfig
 
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to the Ray cluster this process belongs to, or start a local one.
 
-    Under ``ray job submit`` (or with RAY_ADDRESS set) ``ray.init()`` joins that cluster. A
-    plain ``raypeft run`` on a laptop starts a private instance without the dashboard: nothing
-    listens on the network unless the user asked for a cluster.
+    Under ``ray job submit`` (or with RAY_ADDRESS set, or a live ``ray start`` recorded in
+    /tmp/ray) ``ray.init()`` joins that cluster; ``pipeline.ray_cluster`` has already checked in
+    preflight that it answers. Otherwise a private instance starts, its dashboard bound to 127.0.0.1
+    (README, "Security", says what else listens).
     """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
-    if os.environ.get("RAY_ADDRESS") or Path("/tmp/ray/ray_current_cluster").exists():
-        ray.init(**kwargs)
+    address = ray_cluster.address_to_join()
+    if address is not None:
+        ray.init(address=address, **kwargs)
     else:
         # The dashboard process also serves the State API that Ray Train's controller polls;
-        # bound to loopback it is reachable from this machine only.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        # bound to loopback it is reachable from this machine only. address="local": never a
+        # stale cluster recorded in /tmp/ray.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name: str,

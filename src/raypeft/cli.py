@@ -16,6 +16,7 @@ from raypeft.pipeline.config import ConfigError, RunConfig, load_config
 from raypeft.pipeline.data import DataError
 from raypeft.pipeline.evaluate_adapter import evaluate_adapter
 from raypeft.pipeline.preflight import preflight
+from raypeft.pipeline.preflight_checks import probe_tracking
 from raypeft.pipeline.stages.registry import stage_named
 from raypeft.pipeline.tracking import TrackingError
 from raypeft.pipeline.workflow import StageOutcome, run_workflow
@@ -101,6 +102,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _registry(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or RunConfig().tracking_uri()
+    field = "--tracking-uri" if args.tracking_uri else RunConfig().tracking_uri_field()
+    probe_tracking(uri, write=False, field=field)  # bounded, and a missing store is not created
     if args.registry_command == "list":
         print(model_registry.format_versions(model_registry.list_versions(uri, args.name)))
     else:
