@@ -15,6 +15,7 @@ from raypeft.pipeline import model_registry
 from raypeft.pipeline.config import ConfigError, RunConfig, load_config
 from raypeft.pipeline.data import DataError
 from raypeft.pipeline.evaluate_adapter import evaluate_adapter
+from raypeft.pipeline.failures import failure_line
 from raypeft.pipeline.preflight import preflight
 from raypeft.pipeline.preflight_checks import probe_tracking
 from raypeft.pipeline.stages.registry import stage_named
@@ -134,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raypeft: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a training failure: one line here, the traceback is in the Ray log
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"raypeft: {failed}: {type(exc).__name__}: {first}", file=sys.stderr)
+    except Exception as exc:  # a training failure: its root cause in one line, the traceback in the Ray log
+        print(f"raypeft: {failed}: {failure_line(exc)}", file=sys.stderr)
         return 1
 
 
