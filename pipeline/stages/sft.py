@@ -136,7 +136,7 @@ def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
     error``) or counted in a warning."""
     train, _ = sft_rows(cfg)
     rows, report = tokenized_sft(cfg, train, tokenizer)
-    report_truncation("data.source", report.truncated, report.rows, cfg.data.max_length, warn)
+    report_truncation("data.source", report.truncated, report.rows, cfg.data.max_length, warn, report.responses_cut)
     common.require_batches(len(rows), cfg.sft.batch_size, cfg.scaling.num_workers, field="sft.batch_size",
                            rows="data.source (after the held-out rows)", need=cfg.sft.grad_accum,
                            need_why=f"sft.grad_accum={cfg.sft.grad_accum}")

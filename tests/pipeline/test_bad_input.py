@@ -110,7 +110,11 @@ CASES = [
          r"set data\.truncation: left-prompt"),
     Case("rows-too-long-warn", S("data.source={data}/long.jsonl"),
          r"^raypeft: warning: data\.max_length: 38 of 38 rows of data\.source are longer than 256 tokens; "
-         r"their prompts are cut from the left", command="validate", rc=0),
+         r"their prompts are cut from the left \(data", command="validate", rc=0),
+    Case("response-too-long-warn", S("data.source={data}/long_response.jsonl"),
+         r"^raypeft: warning: data\.max_length: 38 of 38 rows of data\.source are longer than 256 tokens; their "
+         r"prompts are cut from the left, and in 38 of them the response itself is longer than the room left and "
+         r"is cut at its end", command="validate", rc=0),
     # --- input adapters
     Case("adapter-no-config", S("adapter.init_from={data}/no_config"),
          r"adapter\.init_from: .*no_config: not an adapter folder \(no adapter_config\.json\)"),
@@ -260,6 +264,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "qa.jsonl").write_text("\n".join(json.dumps({"q": f"question {i}", "a": f"answer {i}"}) for i in range(40)))
     (d / "long.jsonl").write_text("\n".join(json.dumps({"dialogue": "word " * 400, "summary": f"short {i}"})
                                             for i in range(40)))
+    (d / "long_response.jsonl").write_text("\n".join(json.dumps({"dialogue": f"short {i}", "summary": "word " * 400})
+                                                     for i in range(40)))
     (d / "no_config").mkdir()
     (d / "no_config" / "adapter_model.safetensors").write_bytes(b"")
 
