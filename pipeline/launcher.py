@@ -9,6 +9,7 @@ What the loop itself calls on each worker is ``pipeline.engine``.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable
 
 import ray
@@ -71,4 +72,37 @@ def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name
             callbacks=list(callbacks or []),
         ),
     )
-    return nonfinite_loss.raise_if_stopped(trainer.fit(), verdict)
+    return nonfinite_loss.raise_if_stopped(_fit_interruptibly(trainer), verdict)
+
+
+def shutdown_ray() -> None:
+    """Stop this driver's Ray (a private local Ray ends with its workers; a cluster only loses
+    this driver's job), so an interrupted run leaves no stray processes."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _fit_interruptibly(trainer: TorchTrainer):
+    """``trainer.fit()`` in a helper thread, so Ctrl-C reaches this driver as ``KeyboardInterrupt``.
+
+    Called on the main thread, Ray Train installs its own SIGINT handler for the rest of the
+    process: it aborts the controller and then calls ``sys.exit(0)``, which surfaces as exit 1
+    with no message, and later stages of the workflow keep the handler of a dead controller. Off
+    the main thread it installs none (as under Ray Tune); the caller ends the MLflow runs KILLED
+    and ``launcher.shutdown_ray`` stops the workers.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread as is
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="raypeft-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a bounded join: a signal is handled between joins
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

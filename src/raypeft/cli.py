@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Callable
 
-from raypeft.pipeline import model_registry
+from raypeft.pipeline import launcher, model_registry
 from raypeft.pipeline.config import ConfigError, RunConfig, load_config
 from raypeft.pipeline.data import DataError
 from raypeft.pipeline.evaluate_adapter import evaluate_adapter
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(run)
     run.add_argument("--stage", action="append", default=None,
                      help="run only this stage (repeatable); its inputs must already exist")
+    run.add_argument("--fresh", action="store_true",
+                     help="start over: do not resume a workflow that a crash or Ctrl-C stopped part-way")
 
     check = sub.add_parser("validate", help="check a config, its model, adapter targets and data; start nothing")
     check.add_argument("config")
@@ -76,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         preflight(cfg)
         print(f"{args.config}: ok")
         return 0
-    for outcome in run_workflow(cfg, args.stage):
+    for outcome in run_workflow(cfg, args.stage, fresh=args.fresh):
         print(f"[raypeft] {outcome.stage}: {_summary(outcome)}")
     return 0
 
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raypeft: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        launcher.shutdown_ray()  # no stray workers; the MLflow runs were ended KILLED on the way out
         print("raypeft: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a training failure: its root cause in one line, the traceback in the Ray log
