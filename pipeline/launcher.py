@@ -9,6 +9,7 @@ What the loop itself calls on each worker is ``pipeline.engine``.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Any, Callable
 
@@ -56,6 +57,10 @@ def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name
     resources = cfg.scaling.resources_per_worker
     if resources is None and not cfg.scaling.use_gpu:
         resources = {"CPU": 1}
+    missing = ray_cluster.shortfall(cfg, ray.cluster_resources())
+    if missing:  # a cluster (a local Ray was checked in preflight): it may grow, so say so and wait
+        print(f"raypeft: warning: scaling: {missing} in the cluster now; Ray Train waits until the cluster has "
+              "them (an autoscaler may add nodes); Ctrl-C stops the run", file=sys.stderr, flush=True)
     storage = cfg.output_path() / "ray"
     verdict = nonfinite_loss.stop_file(storage / run_name)
     verdict.unlink(missing_ok=True)

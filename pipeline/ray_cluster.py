@@ -103,6 +103,16 @@ def worker_demand(cfg: RunConfig) -> dict[str, float]:
     return resources
 
 
+def shortfall(cfg: RunConfig, have: dict[str, float]) -> str | None:
+    """What the workers need that ``have`` (a resource -> amount map) lacks, in words, or ``None``."""
+    n = cfg.scaling.num_workers
+    for key, per in worker_demand(cfg).items():
+        need = per * n
+        if need > have.get(key, 0.0):
+            return f"{n} workers x {per:g} {key} each need {need:g} {key}, and there are {have.get(key, 0.0):g}"
+    return None
+
+
 def check_local_resources(cfg: RunConfig, cpus: int, gpus: int) -> None:
     """Refuse workers a local Ray of ``cpus`` CPUs and ``gpus`` GPUs could never place."""
     n = cfg.scaling.num_workers

@@ -18,7 +18,7 @@ import pytest
 
 from raypeft.cli import main
 from raypeft.pipeline.config import ConfigError, parse_config
-from raypeft.pipeline.ray_cluster import check_local_resources, reachable
+from raypeft.pipeline.ray_cluster import check_local_resources, reachable, shortfall
 from raypeft.pipeline.text_encoding import file_utf8_problem, utf8_problem
 from raypeft.pipeline.writable import folder_problem
 
@@ -88,6 +88,20 @@ def test_local_resources(scaling: dict, cpus: int, gpus: int, expect: str | None
     else:
         with pytest.raises(ConfigError, match=expect):
             check_local_resources(cfg, cpus, gpus)
+
+
+SHORTFALL = [  # (scaling block, cluster resources now, expected words or None)
+    ({"num_workers": 2}, {"CPU": 8.0}, None),
+    ({"num_workers": 4, "resources_per_worker": {"CPU": 4}}, {"CPU": 8.0},
+     "4 workers x 4 CPU each need 16 CPU, and there are 8"),
+    ({"num_workers": 2, "use_gpu": True}, {"CPU": 8.0}, "2 workers x 1 GPU each need 2 GPU, and there are 0"),
+    ({"num_workers": 1, "resources_per_worker": {"CPU": 1, "TPU": 1}}, {"CPU": 8.0, "TPU": 4.0}, None),
+]
+
+
+@pytest.mark.parametrize("scaling,have,expect", SHORTFALL)
+def test_cluster_shortfall_is_named(scaling: dict, have: dict, expect: str | None) -> None:
+    assert shortfall(parse_config({"scaling": scaling}), have) == expect
 
 
 def test_reachable_is_bounded() -> None:
