@@ -61,7 +61,7 @@ from raypeft.pipeline.roles import Roles, has_value_head
 from raypeft.pipeline.rollout import Rollout
 from raypeft.pipeline.rollout_engine import RolloutEngine
 from raypeft.pipeline.stages import common
-from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
+from raypeft.pipeline.stages.definition import ROUGE_METRICS, AdapterInput, BatchShape, Stage, before_after
 from raypeft.pipeline.stages.policy_eval import PolicyEvaluation
 
 NAME = "ppo"
@@ -349,4 +349,9 @@ STAGE = Stage(
     inputs=(AdapterInput(POLICY, "ppo.policy_init"), AdapterInput(REFERENCE, "ppo.reference", follows=POLICY),
             AdapterInput(REWARD, "ppo.reward_adapter", reward_model=True), AdapterInput(CRITIC, "ppo.critic_init")),
     batch=batch_shape, check_data=check_data, summary_metrics=("rouge", "eval_reward", "eval_kl"),
+    metrics=ROUGE_METRICS + ("reward_mean", "reward_std", "kl", "kl_coef", "non_score_reward", "response_length",
+                             "eos_fraction", "value_mean", "return_mean", "value_explained_variance", "policy_loss",
+                             "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy", "prompts",
+                             "base_params", "base_params_missing", "non_base_non_role_params")
+    + before_after("eval_reward", "eval_kl", "eval_response_length"),
 )

@@ -23,7 +23,7 @@ from raypeft.pipeline.modeling import attach_adapter, load_base_model, load_toke
 from raypeft.pipeline.preflight_checks import Warn, report_truncation
 from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
 from raypeft.pipeline.stages import common
-from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
+from raypeft.pipeline.stages.definition import ROUGE_METRICS, AdapterInput, BatchShape, Stage
 
 NAME = "sft"
 
@@ -145,4 +145,5 @@ def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
 STAGE = Stage(
     name=NAME, section=SFTSpec, train_loop=train_loop, inputs=(AdapterInput("init", "adapter.init_from"),),
     batch=batch_shape, check_data=check_data, summary_metrics=("rouge",), causal_lm_only=False,
+    metrics=ROUGE_METRICS + ("train_loss", "epoch", "train_rows", "truncated_rows"),
 )
