@@ -67,6 +67,10 @@ def _publish_adapter(result, out_dir: Path) -> Path:
     if result.checkpoint is None:
         raise RuntimeError("the stage finished without reporting a checkpoint")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # This driver holds the output folder's lock, so any staging or old copy here was left by a
+    # driver that died part-way through a publish.
+    for leftover in [*out_dir.parent.glob(".adapter-*"), *out_dir.parent.glob(f".{out_dir.name}-old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir.parent))
     try:
         with result.checkpoint.as_directory() as ckpt:
