@@ -14,8 +14,8 @@ from raypeft.pipeline.adapter_inputs import Inputs, check_input_adapters, resolv
 from raypeft.pipeline.backends import fill_deepspeed_config
 from raypeft.pipeline.config import ConfigError, RunConfig
 from raypeft.pipeline.modeling import check_adapter_targets, load_tokenizer
-from raypeft.pipeline.preflight_checks import (Warn, check_adapter_size, model_load_error, probe_tracking, quiet_progress,
-                                              warn_stderr)
+from raypeft.pipeline.preflight_checks import (Warn, check_adapter_size, model_load_error, probe_tracking,
+                                              quiet_progress, warn_stderr)
 from raypeft.pipeline.stages.registry import stage_batch, stage_named
 from raypeft.pipeline.writable import folder_problem
 

@@ -208,8 +208,8 @@ STAGE = Stage(
     inputs=(AdapterInput(POLICY, "dpo.policy_init"), AdapterInput(REFERENCE, "dpo.reference", follows=POLICY)),
     batch=batch_shape, check_data=check_data,
     summary_metrics=("rouge", "eval_accuracy", "eval_margin", "eval_reward"),
-    metrics=ROUGE_METRICS + ("train_loss", "train_accuracy", "train_margin", "reward_chosen", "reward_rejected", "epoch",
-                             "train_pairs", "eval_pairs", "truncated_pairs", "reference_is_base")
+    metrics=ROUGE_METRICS + ("train_loss", "train_accuracy", "train_margin", "reward_chosen", "reward_rejected",
+                             "epoch", "train_pairs", "eval_pairs", "truncated_pairs", "reference_is_base")
     + before_after("eval_loss", "eval_accuracy", "eval_margin", "eval_reward_chosen", "eval_reward_rejected",
                    "eval_logp_accuracy"),
 )

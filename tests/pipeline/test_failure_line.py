@@ -15,7 +15,8 @@ from raypeft.pipeline.failures import failure_line, root_cause
 
 def _remote(exc: BaseException) -> BaseException:
     """What a worker's exception looks like on the driver: a RayTaskError that is also its class."""
-    return RayTaskError("train_fn", "Traceback (most recent call last):\n  ...\n" + repr(exc), exc).as_instanceof_cause()
+    traceback = "Traceback (most recent call last):\n  ...\n" + repr(exc)
+    return RayTaskError("train_fn", traceback, exc).as_instanceof_cause()
 
 
 LOG = r" \(raised( on worker \d+)? inside Ray; full log: \S+\)$"

@@ -8,7 +8,6 @@ store.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import time

@@ -91,10 +91,12 @@ def test_stale_runs_of_a_dead_driver_are_closed_killed(tmp_path: Path) -> None:
     dead.wait()
     host = resume.this_driver().rsplit(":", 1)[0]
     runs = {
-        "dead": tracking.start_run(experiment, "x", tags={"raypeft.workflow": "w", "raypeft.driver": f"{host}:{dead.pid}"}),
+        "dead": tracking.start_run(experiment, "x", tags={"raypeft.workflow": "w",
+                                                          "raypeft.driver": f"{host}:{dead.pid}"}),
         "alive": tracking.start_run(experiment, "x", tags={"raypeft.workflow": "w",
                                                            "raypeft.driver": resume.this_driver()}),
-        "kept": tracking.start_run(experiment, "x", tags={"raypeft.workflow": "w", "raypeft.driver": f"{host}:{dead.pid}"}),
+        "kept": tracking.start_run(experiment, "x", tags={"raypeft.workflow": "w",
+                                                          "raypeft.driver": f"{host}:{dead.pid}"}),
         "other-workflow": tracking.start_run(experiment, "x", tags={"raypeft.workflow": "v",
                                                                     "raypeft.driver": f"{host}:{dead.pid}"}),
         "untagged": tracking.start_run(experiment, "x", tags={"raypeft.workflow": "w"}),

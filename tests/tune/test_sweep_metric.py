@@ -21,10 +21,13 @@ CASES = [  # (field, metric, stage, expected error or None)
     ("metric", "eval_reward_after", "ppo", None),
     ("metric", "eval_reward/rouge_l", "grpo", None),        # per reward function: open-ended
     ("metric", "peak_rss_mib/rank0", "dpo", None),
-    ("metric", "rougel_after", "sft", r"metric: the sft stage logs no metric 'rougel_after'; did you mean 'rougeL_after'\?"),
-    ("metric", "eval_accuracy_after", "sft", r"metric: 'eval_accuracy_after' is logged by the reward stage, not by sft"),
+    ("metric", "rougel_after", "sft",
+     r"metric: the sft stage logs no metric 'rougel_after'; did you mean 'rougeL_after'\?"),
+    ("metric", "eval_accuracy_after", "sft",
+     r"metric: 'eval_accuracy_after' is logged by the reward stage, not by sft"),
     ("metric", "rougeL_after", "reward", r"metric: 'rougeL_after' is logged by the sft stage, not by reward"),
-    ("scheduler.metric", "train_loss", "ppo", r"scheduler\.metric: 'train_loss' is logged by the sft stage, not by ppo"),
+    ("scheduler.metric", "train_loss", "ppo",
+     r"scheduler\.metric: 'train_loss' is logged by the sft stage, not by ppo"),
     ("metric", "accuracy", "sft", r"metric: the sft stage logs no metric 'accuracy'"),
     ("metric", "eval_rewrd_after", "grpo", r"did you mean 'eval_reward_after'\?"),
 ]
