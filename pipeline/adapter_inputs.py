@@ -18,7 +18,8 @@ reference is a frozen copy of it) and ``base`` (every adapter disabled).
 Everything is resolved on the driver before Ray starts, so a wrong name fails in one line
 naming the field. An existing input is then checked: weights only from safetensors (a pickled
 ``adapter_model.bin`` needs ``model.allow_pickle_adapters: true`` and is then read with
-``torch.load(weights_only=True)`` and converted, so workers only ever read safetensors), and
+``torch.load(weights_only=True)`` and converted, so workers only ever read safetensors), the
+file whole and every tensor floating point and finite (``pipeline.adapter_files``), and
 every tensor's shape against this base model on a weightless skeleton, naming the layer that
 does not fit.
 """
@@ -33,6 +34,7 @@ from typing import Any, Callable
 from raypeft.adapters import AdapterModel
 from raypeft.adapters.serialization import load_adapter_weights, save_adapter_weights
 from raypeft.pipeline import tracking
+from raypeft.pipeline.adapter_files import check_weights_file
 from raypeft.pipeline.config import STAGES, ConfigError, RunConfig
 from raypeft.pipeline.modeling import skeleton_model
 from raypeft.pipeline.roles import VALUE_HEAD_FILE
@@ -176,6 +178,7 @@ def check_input_adapters(cfg: RunConfig, inputs: Inputs, order: list[str]) -> In
                 continue
             if folder not in done:
                 safe = safe_adapter_folder(folder, field, allow_pickle=cfg.model.allow_pickle_adapters)
+                check_weights_file(safe, field)
                 check_adapter_fits(safe, field, lambda: skeleton_model(cfg.model))
                 done[folder] = safe
             resolved[role] = done[folder]

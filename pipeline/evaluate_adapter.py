@@ -16,10 +16,12 @@ import torch
 
 from raypeft.adapters import AdapterModel
 from raypeft.pipeline import engine, tracking
+from raypeft.pipeline.adapter_files import check_weights_file
 from raypeft.pipeline.config import ConfigError, RunConfig
 from raypeft.pipeline.data import PairCollator
 from raypeft.pipeline.inputs import pair_rows, sft_rows
 from raypeft.pipeline.modeling import load_base_model, load_tokenizer
+from raypeft.pipeline.preflight_checks import probe_tracking
 from raypeft.pipeline.roles import has_value_head
 from raypeft.pipeline.stages import common, pairs, reward
 
@@ -27,7 +29,10 @@ from raypeft.pipeline.stages import common, pairs, reward
 def evaluate_adapter(cfg: RunConfig, ref: str, *, device: str | None = None) -> tuple[Path, dict[str, float]]:
     """``(local adapter folder, metrics)`` of ``ref`` on ``cfg``'s base model and held-out data."""
     with tracking.quiet_mlflow():
+        if tracking.is_registry_uri(ref):
+            probe_tracking(cfg.tracking_uri(), write=False)  # a missing store is an error, not created
         folder = tracking.resolve_adapter(ref, tracking_uri=cfg.tracking_uri())
+    check_weights_file(folder, f"--adapter {ref}")
     dev = torch.device(device or ("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"))
     engine.quiet_libraries()
     worker = engine.Worker(rank=0, world_size=1, device=dev)

@@ -9,35 +9,39 @@ What the loop itself calls on each worker is ``pipeline.engine``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import sys
+import threading
 from typing import Any, Callable
 
 import ray
 from ray.train import FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raypeft.pipeline import nonfinite_loss
+from raypeft.pipeline import nonfinite_loss, ray_cluster
 from raypeft.pipeline.config import RunConfig
 
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to the Ray cluster this process belongs to, or start a local one.
 
-    Under ``ray job submit`` (or with RAY_ADDRESS set) ``ray.init()`` joins that cluster. A
-    plain ``raypeft run`` on a laptop starts a private instance without the dashboard: nothing
-    listens on the network unless the user asked for a cluster.
+    Under ``ray job submit`` (or with RAY_ADDRESS set, or a live ``ray start`` recorded in
+    /tmp/ray) ``ray.init()`` joins that cluster; ``pipeline.ray_cluster`` has already checked in
+    preflight that it answers. Otherwise a private instance starts, its dashboard bound to 127.0.0.1
+    (README, "Security", says what else listens).
     """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
-    if os.environ.get("RAY_ADDRESS") or Path("/tmp/ray/ray_current_cluster").exists():
-        ray.init(**kwargs)
+    address = ray_cluster.address_to_join()
+    if address is not None:
+        ray.init(address=address, **kwargs)
     else:
         # The dashboard process also serves the State API that Ray Train's controller polls;
-        # bound to loopback it is reachable from this machine only.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        # bound to loopback it is reachable from this machine only. address="local": never a
+        # stale cluster recorded in /tmp/ray.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name: str,
@@ -53,6 +57,10 @@ def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name
     resources = cfg.scaling.resources_per_worker
     if resources is None and not cfg.scaling.use_gpu:
         resources = {"CPU": 1}
+    missing = ray_cluster.shortfall(cfg, ray.cluster_resources())
+    if missing:  # a cluster (a local Ray was checked in preflight): it may grow, so say so and wait
+        print(f"raypeft: warning: scaling: {missing} in the cluster now; Ray Train waits until the cluster has "
+              "them (an autoscaler may add nodes); Ctrl-C stops the run", file=sys.stderr, flush=True)
     storage = cfg.output_path() / "ray"
     verdict = nonfinite_loss.stop_file(storage / run_name)
     verdict.unlink(missing_ok=True)
@@ -69,4 +77,37 @@ def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name
             callbacks=list(callbacks or []),
         ),
     )
-    return nonfinite_loss.raise_if_stopped(trainer.fit(), verdict)
+    return nonfinite_loss.raise_if_stopped(_fit_interruptibly(trainer), verdict)
+
+
+def shutdown_ray() -> None:
+    """Stop this driver's Ray (a private local Ray ends with its workers; a cluster only loses
+    this driver's job), so an interrupted run leaves no stray processes."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _fit_interruptibly(trainer: TorchTrainer):
+    """``trainer.fit()`` in a helper thread, so Ctrl-C reaches this driver as ``KeyboardInterrupt``.
+
+    Called on the main thread, Ray Train installs its own SIGINT handler for the rest of the
+    process: it aborts the controller and then calls ``sys.exit(0)``, which surfaces as exit 1
+    with no message, and later stages of the workflow keep the handler of a dead controller. Off
+    the main thread it installs none (as under Ray Tune); the caller ends the MLflow runs KILLED
+    and ``launcher.shutdown_ray`` stops the workers.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread as is
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="raypeft-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a bounded join: a signal is handled between joins
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

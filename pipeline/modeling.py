@@ -137,20 +137,22 @@ def attach_adapter(base: PreTrainedModel, adapter: AdapterSpec, model: ModelSpec
     return get_adapter_model(base, adapter_config(adapter, model), adapter_name=adapter_name)
 
 
-def check_adapter_targets(adapter: AdapterSpec, model: ModelSpec) -> None:
+def check_adapter_targets(adapter: AdapterSpec, model: ModelSpec) -> int | None:
     """Fail on the driver, before Ray starts, if the adapter cannot go on this base.
 
     Builds it on a weightless skeleton: an unknown ``target_modules`` entry, or a virtual-token
     method on a model whose config lacks what it needs, fails here instead of in every worker.
+    Returns the adapter's trainable parameter count (``None`` when it continues a saved adapter),
+    so preflight can refuse one too large to allocate (``preflight_checks.check_adapter_size``).
     """
     if adapter.init_from is not None:
-        return
+        return None
     config = adapter_config(adapter, model)
     if getattr(config, "prompt_tuning_init", "RANDOM") != "RANDOM":
         config = config.copy(prompt_tuning_init="RANDOM")  # text/vocab init reads real embeddings
     skeleton = skeleton_model(model)
     try:
-        get_adapter_model(skeleton, config)
+        built = get_adapter_model(skeleton, config)
     except ValueError as exc:
         message = str(exc).splitlines()[0]
         if message.startswith("target_modules:"):
@@ -158,3 +160,5 @@ def check_adapter_targets(adapter: AdapterSpec, model: ModelSpec) -> None:
         elif not message.startswith("adapter."):
             message = f"adapter.target_modules: {message}"
         raise ConfigError(message) from None
+    trainable, _ = built.get_nb_trainable_parameters()
+    return int(trainable)

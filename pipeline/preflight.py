@@ -9,13 +9,15 @@ and its input adapters (``pipeline.adapter_inputs``). The checks themselves are 
 
 from __future__ import annotations
 
-from raypeft.pipeline import tracking
+from raypeft.pipeline import ray_cluster, tracking
 from raypeft.pipeline.adapter_inputs import Inputs, check_input_adapters, resolve_stage_inputs
 from raypeft.pipeline.backends import fill_deepspeed_config
 from raypeft.pipeline.config import ConfigError, RunConfig
 from raypeft.pipeline.modeling import check_adapter_targets, load_tokenizer
-from raypeft.pipeline.preflight_checks import Warn, model_load_error, probe_tracking, quiet_progress, warn_stderr
+from raypeft.pipeline.preflight_checks import (Warn, check_adapter_size, model_load_error, probe_tracking,
+                                              quiet_progress, warn_stderr)
 from raypeft.pipeline.stages.registry import stage_batch, stage_named
+from raypeft.pipeline.writable import folder_problem
 
 
 def ordered_stages(cfg: RunConfig, stages: list[str] | None) -> list[str]:
@@ -29,8 +31,10 @@ def ordered_stages(cfg: RunConfig, stages: list[str] | None) -> list[str]:
 
 
 def preflight(cfg: RunConfig, stages: list[str] | None = None, warn: Warn = warn_stderr) -> Inputs:
-    """Check model, adapter targets, data, row lengths, the tracking store and adapter inputs on
-    the driver, in that order (the tracking store is touched only once everything local is fine).
+    """Check the Ray cluster (it answers; a local one can hold the workers), model, adapter targets
+    and size, data, row lengths and batch sizes against the worker count, the output folder, the
+    tracking store and adapter inputs on the driver, in that order (the tracking store is touched
+    only once everything local is fine).
 
     Returns every stage's input adapters as local folders (``pipeline.adapter_inputs``; a pickled
     adapter the YAML allows comes back as a converted safetensors copy). Raises ``ConfigError`` /
@@ -46,17 +50,22 @@ def _preflight(cfg: RunConfig, stages: list[str], warn: Warn) -> Inputs:
     if causal and cfg.model.task_type != "CAUSAL_LM":
         raise ConfigError(f"stages: the {causal[0]} stage needs a causal LM (model.task_type: CAUSAL_LM), "
                           f"got {cfg.model.task_type}")
+    ray_cluster.check_ray(cfg)  # the workers fit (and a cluster answers) before the rows are counted for them
     try:
         tokenizer = load_tokenizer(cfg.model)
-        check_adapter_targets(cfg.adapter, cfg.model)
+        trainable = check_adapter_targets(cfg.adapter, cfg.model)
     except ConfigError:
         raise
     except (OSError, ValueError) as exc:
         raise ConfigError(model_load_error(cfg.model, exc)) from None
+    check_adapter_size(cfg.adapter, trainable)
     for stage in stages:  # every row source each stage reads, and the rows' lengths
         stage_named(stage).check_data(cfg, tokenizer, warn)
     _check_deepspeed(cfg, stages)
-    probe_tracking(cfg.tracking_uri())
+    problem = folder_problem(cfg.output_path())
+    if problem:
+        raise ConfigError(f"output_dir: {problem}")
+    probe_tracking(cfg.tracking_uri(), field=cfg.tracking_uri_field())
     return check_input_adapters(cfg, resolve_stage_inputs(cfg, stages), stages)
 
 

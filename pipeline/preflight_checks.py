@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import unquote, urlparse
 
 import datasets
 from mlflow import MlflowClient
 
+from raypeft.pipeline.config import ConfigError
 from raypeft.pipeline.tracking import TrackingError
+from raypeft.pipeline.writable import file_problem, folder_problem
 
 Warn = Callable[[str], None]
 
@@ -43,11 +47,48 @@ def warn_stderr(message: str) -> None:
 
 # ------------------------------------------------------------------------------ row lengths
 
-def report_truncation(field: str, truncated: int, rows: int, max_length: int, warn: Warn) -> None:
-    """Warn that ``truncated`` of the ``rows`` of ``field`` (e.g. ``data.source``) had their prompts cut."""
-    if truncated:
-        warn(f"data.max_length: {truncated} of {rows} rows of {field} are longer than {max_length} tokens; "
-             "their prompts are cut from the left (data.truncation: left-prompt; 'error' refuses them)")
+def report_truncation(field: str, truncated: int, rows: int, max_length: int, warn: Warn,
+                      responses_cut: int = 0) -> None:
+    """Warn that ``truncated`` of the ``rows`` of ``field`` (e.g. ``data.source``) were cut: their
+    prompts from the left, and, for the ``responses_cut`` whose response alone leaves no room,
+    the response at its end too (the warning says which, so a cut response is not a surprise)."""
+    if not truncated:
+        return
+    what = "their prompts are cut from the left"
+    if responses_cut:
+        what += (f", and in {responses_cut} of them the response itself is longer than the room left and is "
+                 "cut at its end")
+    warn(f"data.max_length: {truncated} of {rows} rows of {field} are longer than {max_length} tokens; "
+         f"{what} (data.truncation: left-prompt; 'error' refuses them)")
+
+
+# ------------------------------------------------------------------------------ adapter size
+
+# fp32 weight, its gradient and Adam's two moments: what each trainable parameter costs a worker.
+BYTES_PER_TRAINABLE = 16
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_adapter_size(adapter: Any, trainable: int | None, memory: int | None = None) -> None:
+    """Refuse an adapter whose trainable parameters (counted on the weightless skeleton) cannot
+    fit in this machine's memory with their gradients and optimiser state: a too-large
+    ``adapter.r`` would otherwise fail in every worker with an allocation error."""
+    memory = physical_memory_bytes() if memory is None else memory
+    if trainable is None or memory is None:
+        return
+    need = trainable * BYTES_PER_TRAINABLE
+    if need > memory:
+        field = "adapter.r" if hasattr(adapter, "r") else "adapter"
+        value = f"{getattr(adapter, 'r')} gives" if hasattr(adapter, "r") else f"method {adapter.method} has"
+        raise ConfigError(f"{field}: {value} {trainable:.3g} trainable parameters, {need / 1e9:,.1f} GB with "
+                          f"their gradients and Adam state, more than this machine's {memory / 1e9:,.1f} GB of "
+                          "memory; lower it")
 
 
 # ------------------------------------------------------------------------------ tracking
@@ -81,23 +122,69 @@ def _why(exc: BaseException) -> str:
     return first[:200]
 
 
-def probe_tracking(uri: str) -> None:
+# Schemes MLflow has a tracking store for; the databases may name a driver (postgresql+psycopg2).
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+_URI_EXAMPLES = "sqlite:////abs/path/mlflow.db, http://host:5000, file:///abs/dir or postgresql://..."
+
+
+def _scheme(uri: str) -> str | None:
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    if uri in ("databricks", "databricks-uc"):
+        return uri
+    if match is None or not uri[match.end():].startswith("//") and match.group(1) != "databricks":
+        return None
+    return match.group(1).lower()
+
+
+def _local_path(uri: str, scheme: str) -> Path | None:
+    """The file (sqlite) or folder (file) a local store lives at; None for an in-memory store."""
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):
+            return None
+        rest = uri[len("sqlite:///"):].split("?", 1)[0]
+        return None if rest in ("", ":memory:") else Path(rest)
+    return Path(unquote(urlparse(uri).path))
+
+
+def probe_tracking(uri: str, *, write: bool = True, field: str = "tracking.uri") -> None:
     """Fail in seconds, with one line, if the tracking store cannot be used.
 
-    HTTP(S): one request with retries off. SQLite: the database's folder must exist (MLflow
-    creates the file, not its folders). Other schemes are left to MLflow.
+    The URI must have a scheme MLflow has a store for. HTTP(S): one request with retries off.
+    SQLite / ``file:``: with ``write`` (``run``, ``sweep``) the database's folder must exist and
+    take new files (MLflow creates the file, not its folders; in a read-only folder it retries for
+    minutes); without (``eval``, ``registry``: they only read) the store must already exist, so a
+    read-only command never creates one. Other databases are left to MLflow.
     """
-    if uri.startswith(("http://", "https://")):
+    scheme = _scheme(uri)
+    if scheme is None:
+        raise TrackingError(f"{field}: {uri!r} is not a URI; expected {_URI_EXAMPLES}")
+    if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+        raise TrackingError(f"{field}: unsupported scheme '{scheme}' in {uri}; expected one of "
+                            f"{', '.join(TRACKING_SCHEMES)}")
+    if scheme in ("http", "https"):
         with _fast_http():
             try:
                 MlflowClient(uri).search_experiments(max_results=1)
             except Exception as exc:  # connection errors surface as many exception types
-                raise TrackingError(f"tracking.uri: cannot reach MLflow at {uri} ({_why(exc)}); start the "
+                raise TrackingError(f"{field}: cannot reach MLflow at {uri} ({_why(exc)}); start the "
                                     "server, or fix tracking.uri / MLFLOW_TRACKING_URI") from None
-    elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if str(db) not in ("", ":memory:") and not db.parent.is_dir():
-            raise TrackingError(f"tracking.uri: folder {db.parent} of the SQLite store {uri} does not exist")
+        return
+    if scheme not in ("sqlite", "file"):
+        return
+    path = _local_path(uri, scheme)
+    if path is None:
+        return
+    if not write:
+        if not path.exists():
+            raise TrackingError(f"{field}: no MLflow store at {path} ({uri}); this command only reads a store, "
+                                "it does not create one")
+        return
+    folder = path.parent if scheme == "sqlite" else path
+    if scheme == "sqlite" and not folder.is_dir():
+        raise TrackingError(f"{field}: folder {folder} of the SQLite store {uri} does not exist")
+    problem = file_problem(path) if scheme == "sqlite" else folder_problem(path)
+    if problem:
+        raise TrackingError(f"{field}: the store {uri} is not writable: {problem}")
 
 
 # ------------------------------------------------------------------------------ messages

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 _log = logging.getLogger(__name__)
 
@@ -61,6 +62,20 @@ def start_run(experiment_id: str, name: str, *, parent_run_id: str | None = None
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status=status)
+
+
+def reopen_run(run_id: str) -> None:
+    """Mark a run RUNNING again: a rerun after a crash continues it instead of starting another."""
+    MlflowClient().update_run(run_id, status="RUNNING")
+
+
+def stale_runs(experiment_id: str, workflow: str) -> list[tuple[str, str]]:
+    """``(run id, driver)`` of this workflow's runs still RUNNING, with the driver that opened them
+    (tag ``raypeft.driver``, ``host:pid``; runs without it are left alone)."""
+    runs = MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`raypeft.workflow` = '{workflow}' and attributes.status = 'RUNNING'",
+        max_results=1000)
+    return [(r.info.run_id, r.data.tags["raypeft.driver"]) for r in runs if "raypeft.driver" in r.data.tags]
 
 
 def log_params(run_id: str, params: Mapping[str, Any]) -> None:
@@ -164,8 +179,11 @@ def register_adapter(name: str, source: str, run_id: str, *, tags: Mapping[str, 
     """
     client = MlflowClient()
     str_tags = {k: str(v) for k, v in tags.items() if v is not None}
-    if client.search_registered_models(filter_string=f"name = '{name}'") == []:
+    try:  # create-or-get: two runs registering the first version of one name at once must both succeed
         client.create_registered_model(name, description=description or "raypeft adapters")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
     version = client.create_model_version(name, source=source, run_id=run_id, tags=str_tags,
                                           description=description)
     if alias:

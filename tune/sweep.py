@@ -34,6 +34,7 @@ from raypeft.pipeline.preflight import preflight
 from raypeft.tune import searchers
 from raypeft.tune.callbacks import TRIAL_TAG
 from raypeft.tune.cleanup import OrphanedGroupReaper
+from raypeft.tune.metric_names import check_sweep_metrics
 from raypeft.tune.schema import SweepConfig, SweepError, base_config_path
 from raypeft.tune.space import SearchSpace, adapter_field, describe
 from raypeft.tune.summary import COMPLETED, FAILED, STOPPED, TrialRow, markdown_table, plot, ranked, write_csv
@@ -133,6 +134,7 @@ def _check_trials(prep: PreparedSweep, resources: dict | None) -> None:
 
 def prepare(sweep: SweepConfig, sweep_file: str | Path, base_overrides: list[str] | None = None) -> PreparedSweep:
     """Everything short of starting Ray: raises ``SweepError`` (or ``DataError`` / ``TrackingError``)."""
+    check_sweep_metrics(sweep)  # before the base config, the data or the store are touched
     base_path, data, cfg = _read_base(sweep, sweep_file, base_overrides or [])
     space = SearchSpace.build(sweep.search_space, cfg, sweep.search_alg)
     if sweep.search_alg == "optuna":

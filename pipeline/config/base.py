@@ -10,7 +10,10 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are errors, and no float field takes NaN or infinity (``epochs: .inf`` would
+    pass a ``gt=0`` bound and then train forever, or fail inside Ray on ``math.ceil``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 

@@ -6,6 +6,7 @@ validation into ``RunConfig`` and pydantic's errors rewritten as one line with t
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,21 @@ from raypeft.pipeline.config.adapters import ADAPTER_SPECS
 from raypeft.pipeline.config.base import ConfigError
 from raypeft.pipeline.config.run import RunConfig
 from raypeft.pipeline.deepspeed_configs import resolve as resolve_deepspeed
+from raypeft.pipeline.text_encoding import utf8_problem
+
+# Bounds on what a config may expand to. A run config is a few hundred values, a sweep file a
+# few thousand; YAML aliases let 500 bytes name a billion (the "billion laughs" bomb), and deep
+# nesting overflows the parser's recursion. Both are refused while the file is parsed.
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
+# The shown value in an error: bounded whatever the value is (a huge list, an aliased tree).
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 6, 6, 3
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    text = _SHORT.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -98,7 +110,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not all(parts):
             raise ConfigError(f"--set {item}: empty key segment")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _load_guarded(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item}: value is not valid YAML ({exc.problem})") from None
         node = data
@@ -114,7 +126,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key written twice in one mapping is an error, not "last wins"."""
+    """PyYAML's safe loader, but a key written twice in one mapping is an error, not "last wins",
+    and nesting deeper than ``MAX_DEPTH`` is an error, not a ``RecursionError``."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node, deep=False):
         if any(k.tag == "tag:yaml.org,2002:merge" for k, _ in node.value):
@@ -130,6 +153,39 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values ``node`` stands for once every alias is expanded (counted once per node:
+    an alias is the same node object as its anchor, so this is linear in the file)."""
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(n, memo) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, MAX_VALUES + 1)
+    return memo[id(node)]
+
+
+def _load_guarded(text: str) -> Any:
+    """``yaml.load`` with the strict loader, refusing a document whose aliases expand past
+    ``MAX_VALUES`` before it is built (building it, or showing it in an error, would not end)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_VALUES:
+            raise yaml.composer.ComposerError(
+                None, None, f"its aliases expand to more than {MAX_VALUES:,} values (an alias bomb?); "
+                "write the values out", node.start_mark)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: str | Path, *, kind: str = "config",
                       error: type[ConfigError] = ConfigError) -> dict[str, Any]:
     """The top-level mapping of a YAML file, read strictly, or ``error`` as one line.
@@ -142,8 +198,12 @@ def read_yaml_mapping(path: str | Path, *, kind: str = "config",
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {kind} file not found")
+    raw = path.read_bytes()
+    problem = utf8_problem(raw)
+    if problem:
+        raise error(f"{path}: {problem}")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        data = _load_guarded(raw.decode("utf-8")) or {}
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

@@ -42,6 +42,11 @@ def check_adapter_setup(cfg: RunConfig) -> str | None:
 
 
 
+# MLflow's limits on names it stores (registered model and experiment names).
+MAX_MLFLOW_NAME = 256
+REGISTRY_NAME_FORBIDDEN = ("/", ":", "@")
+
+
 class EvalSpec(StrictModel):
     """Held-out ROUGE of generated responses, before and after a stage."""
 
@@ -57,6 +62,17 @@ class ScalingSpec(StrictModel):
     num_workers: int = Field(default=1, gt=0)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _amounts(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        """Ray refuses a negative amount only when it schedules the workers, after the runs exist."""
+        for key, amount in (v or {}).items():
+            if not key.strip():
+                raise ValueError("a resource name may not be blank")
+            if amount < 0:
+                raise ValueError(f"amounts must be 0 or more ({key}: {amount:g})")
+        return v
 
 
 class FailureSpec(StrictModel):
@@ -74,10 +90,39 @@ class TrackingSpec(StrictModel):
     register_adapter: bool = Field(default=True, alias="register")
     registered_model_name: str | None = None
 
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank (it names the MLflow experiment)")
+        if len(v) > MAX_MLFLOW_NAME:
+            raise ValueError(f"at most {MAX_MLFLOW_NAME} characters (MLflow's limit), got {len(v)}")
+        return v
+
+    @field_validator("registered_model_name")
+    @classmethod
+    def _model_name_registrable(cls, v: str | None) -> str | None:
+        """MLflow's own rules, checked here: it refuses such a name only after the adapter is published."""
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must not be blank (null: <name>-<stage>)")
+        bad = next((c for c in REGISTRY_NAME_FORBIDDEN if c in v), None)
+        if bad is not None:
+            raise ValueError(f"may not contain {bad!r} (MLflow refuses '/' and ':' in a registered model name, "
+                             "and '@' would end it in a models:/NAME@ALIAS reference)")
+        if v.strip() in (".", "..") or v != v.strip():
+            raise ValueError("must be a plain name, without leading or trailing spaces, not '.' or '..'")
+        if len(v) > MAX_MLFLOW_NAME:
+            raise ValueError(f"at most {MAX_MLFLOW_NAME} characters, got {len(v)}")
+        return v
+
 
 class RunConfig(StrictModel):
     name: str = "raypeft"
-    seed: int = 0
+    # Fed to torch generators as seed * 1000 + step * 7919 + rank and to datasets' shuffles,
+    # which take 32-bit seeds: a larger one fails only inside the workers.
+    seed: int = Field(default=0, ge=0, lt=2**32)
     output_dir: str = "outputs"
     stages: list[StageName] = Field(default=["sft"], min_length=1)  # StageName: defined below the class
     model: ModelSpec = ModelSpec()
@@ -141,6 +186,12 @@ class RunConfig(StrictModel):
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
         return "sqlite:///" + str(Path("mlflow.db").resolve())
+
+    def tracking_uri_field(self) -> str:
+        """Where ``tracking_uri()`` came from, to name it in an error."""
+        if not self.tracking.uri and os.environ.get("MLFLOW_TRACKING_URI"):
+            return "MLFLOW_TRACKING_URI"
+        return "tracking.uri"
 
     def artifact_location(self) -> str | None:
         """Where a new experiment keeps artifacts: the YAML's choice; else, for a tracking server

@@ -21,6 +21,7 @@ from datasets import Dataset, DatasetDict
 from raypeft.pipeline.data.errors import DataError, first_line
 from raypeft.pipeline.data.sources import (BUILDERS, GLOB_CHARS, builder_for, file_format_of, files_in_dir, looks_local,
                                            one_format, split_base)
+from raypeft.pipeline.text_encoding import file_utf8_problem
 
 # Where each loaded dataset object came from, so check_columns can name the path. Keyed by
 # identity (Dataset has no __eq__), weakly, so it never keeps rows alive.
@@ -78,6 +79,8 @@ def load_rows(
         path = BUILDERS.get(source, expanded if base_dir is not None else source)
         if source in BUILDERS and builder is not None:
             path = builder
+        if path in ("json", "csv"):
+            check_text_files([f for f in local if os.path.isfile(f)], path, where)
         return _load(path, where, f"{source} ({', '.join(files)})", name=subset, data_files=local, split=split,
                      trust_remote_code=trust_remote_code)
 
@@ -109,9 +112,23 @@ def load_rows(
         if len(empty) == len(files):
             raise DataError(f"{where}: {place} has no rows")
         files = [f for f in files if f not in empty]
+        check_text_files(files, fmt, where)
         return _load(fmt, where, place, data_files=files, split=split)
 
     return _load(source, where, source, name=subset, split=split, trust_remote_code=trust_remote_code)
+
+
+def check_text_files(files: list[str], fmt: str, where: str) -> None:
+    """Every local json/jsonl/csv file must be UTF-8: pyarrow reads nothing else, and fails on it
+    inside whichever process reads the rows first (a Ray worker, after the run has started)."""
+    if fmt == "parquet":
+        return
+    for f in files:
+        if f.lower().endswith(".gz"):
+            continue  # compressed: pyarrow's error names the file (rare enough not to decompress here)
+        problem = file_utf8_problem(f)
+        if problem:
+            raise DataError(f"{where}: {os.path.abspath(f)} is {problem}")
 
 
 def _load(path: str, where: str, place: str, *, trust_remote_code: bool = False, **kwargs: Any) -> Dataset:

@@ -37,7 +37,7 @@ def tokenize_pairs(
     check_length(max_length, specials)
     eos = eos_ids(tokenizer, add_eos)
     prefix = specials.prefix
-    truncated = [0]
+    truncated = [0, 0]  # pairs cut, pairs whose chosen or rejected response was cut too
 
     def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         start = indices[0]
@@ -55,7 +55,9 @@ def tokenize_pairs(
                     side = "chosen" if len(c) >= len(r) else "rejected"
                     raise too_long(idx, len(prefix) + len(body), longest, max_length, side)
                 truncated[0] += 1
+                before = (len(c), len(r))
                 body, (c, r), _ = fit(prefix, body, [], [c, r], max_length)
+                truncated[1] += (len(c), len(r)) != before
             prompt_ids = prefix + body
             mask = [IGNORE_INDEX] * len(prompt_ids)
             out["chosen_input_ids"].append(prompt_ids + c)
@@ -67,4 +69,4 @@ def tokenize_pairs(
     require_columns(ds, [prompt_column, chosen_column, rejected_column])
     out = map_rows(ds, fn, tokenizer, "tokenize pairs", prompt_column, chosen_column, rejected_column, prompt_template,
                max_length, add_eos, truncation)
-    return out, TruncationReport(rows=len(ds), truncated=truncated[0])
+    return out, TruncationReport(rows=len(ds), truncated=truncated[0], responses_cut=truncated[1])

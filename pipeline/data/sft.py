@@ -47,7 +47,7 @@ def tokenize_sft(
     eos = eos_ids(tokenizer, add_eos)
     prefix = specials.prefix
     suffix = specials.suffix if is_seq2seq else []
-    truncated = [0]
+    truncated = [0, 0]  # rows cut, rows whose response was cut too
 
     def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         prompts = format_prompts(prompt_template, texts_of(batch[prompt_column], prompt_column, indices[0]),
@@ -67,6 +67,7 @@ def tokenize_sft(
                                         f"max_length={max_length}; set data.truncation: left-prompt or raise "
                                         "data.max_length")
                     truncated[0] += 1
+                    truncated[1] += len(resp) > max_length
                     keep = max_length - len(prefix) - len(suffix)
                     body = body[len(body) - keep:] if len(body) > keep else body
                     resp = resp[:max_length]
@@ -77,7 +78,9 @@ def tokenize_sft(
                 if truncation == "error":
                     raise too_long(idx, len(prefix) + len(body), len(resp), max_length)
                 truncated[0] += 1
+                before = len(resp)
                 body, (resp,), _ = fit(prefix, body, [], [resp], max_length)
+                truncated[1] += len(resp) < before
             prompt_ids = prefix + body
             out_ids.append(prompt_ids + resp)
             out_labels.append([IGNORE_INDEX] * len(prompt_ids) + resp)
@@ -86,4 +89,4 @@ def tokenize_sft(
     require_columns(ds, [prompt_column, response_column])
     out = map_rows(ds, fn, tokenizer, "tokenize sft", prompt_column, response_column, prompt_template, max_length,
                is_seq2seq, add_eos, truncation)
-    return out, TruncationReport(rows=len(ds), truncated=truncated[0])
+    return out, TruncationReport(rows=len(ds), truncated=truncated[0], responses_cut=truncated[1])

@@ -25,10 +25,12 @@ Truncation = Literal["left-prompt", "error"]
 
 @dataclass(frozen=True)
 class TruncationReport:
-    """How many of ``rows`` were longer than ``max_length`` and were cut to fit."""
+    """How many of ``rows`` were longer than ``max_length`` and were cut to fit, and in how many
+    of those the response itself (not only the prompt) was cut."""
 
     rows: int
     truncated: int
+    responses_cut: int = 0
 
     @property
     def fraction(self) -> float:

@@ -28,7 +28,7 @@ from raypeft.adapters.serialization import load_adapter_weights
 from raypeft.pipeline import engine
 from raypeft.pipeline.adapter_hooks import row_task_ids
 from raypeft.pipeline.backends import Backend, build_backend, pad_for_lockstep, report_checkpoint
-from raypeft.pipeline.config import RunConfig
+from raypeft.pipeline.config import ConfigError, RunConfig
 from raypeft.pipeline.evaluation import generate_responses, rouge_scores
 from raypeft.pipeline.resources import Throughput, worker_memory
 from raypeft.pipeline.roles import Roles
@@ -46,6 +46,22 @@ def epoch_batches(n_rows: int, batch_size: int, worker: engine.Worker, seed: int
     usable = (n_rows // per_step) * per_step
     mine = order[:usable][worker.rank::worker.world_size]
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def require_batches(n_rows: int, batch_size: int, world_size: int, *, field: str, rows: str,
+                    need: int = 1, need_why: str = "") -> None:
+    """Refuse, on the driver, a batch size that leaves a worker fewer than ``need`` batches per
+    epoch (``epoch_batches`` drops the rows that do not fill a global batch, so the workers' loop
+    would otherwise find none, after Ray started and the earlier stages trained).
+
+    ``rows`` names where the ``n_rows`` come from (``data.source``, ``ppo.data.source`` ...).
+    """
+    per_worker = n_rows // (batch_size * world_size)
+    if per_worker < need:
+        wanted = f"{need} batches ({need_why})" if need > 1 else "one batch"
+        total = batch_size * world_size * need
+        raise ConfigError(f"{field}: {batch_size} per worker x {world_size} workers needs {total} training rows "
+                          f"for {wanted}; {rows} gives {n_rows}")
 
 
 def total_steps(n_rows: int, batch_size: int, worker: engine.Worker, *, epochs: float, max_steps: int | None,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from raypeft.pipeline.config import RunConfig, StageSection
+from raypeft.pipeline.evaluation import ROUGE_TYPES
 from raypeft.pipeline.preflight_checks import Warn
 
 # A reference input may name, besides any adapter input, the input of the role it ``follows``
@@ -22,6 +23,19 @@ BASE = "base"
 
 # Metrics ``raypeft run`` prints for every stage (exact keys; the rest of a run's metrics are in MLflow).
 ALWAYS_SHOWN = ("train_seconds", "tokens_per_s")
+
+# Metrics every stage logs (``pipeline.stages.common``: resource figures, the published adapter's
+# size) and the held-out ROUGE of the stages that generate; a stage's ``metrics`` add its own.
+COMMON_METRICS = ("step", "done", "learning_rate", "tokens_per_s", "tokens_per_s_per_worker", "train_seconds",
+                  "peak_rss_mib", "peak_gpu_allocated_mib", "peak_gpu_reserved_mib", "workers", "zero_stage",
+                  "trainable_params", "total_params", "adapter_size_bytes")
+ROUGE_METRICS = tuple(f"{r}_{when}" for r in ROUGE_TYPES for when in ("before", "after"))
+
+
+def before_after(*names: str) -> tuple[str, ...]:
+    """``names`` as logged during training and as the ``_before`` / ``_after`` figures of the stage."""
+    return names + tuple(f"{n}_{when}" for n in names for when in ("before", "after"))
+
 
 BatchShape = tuple[int, int]  # (micro-batch rows per worker, micro-batches per optimiser step)
 InputFields = dict[str, tuple[str, str | None]]  # {role: (config field path, value)}
@@ -60,7 +74,10 @@ class Stage:
     batch shape, which a DeepSpeed config's batch fields must agree with; ``check_data``: loads and
     checks on the driver every row source its loop reads (``tokenizer``: counts or refuses rows
     over ``data.max_length``); ``summary_metrics``: prefixes of the final metrics ``raypeft run``
-    prints; ``causal_lm_only``: refuses a ``model.task_type`` other than ``CAUSAL_LM``.
+    prints; ``causal_lm_only``: refuses a ``model.task_type`` other than ``CAUSAL_LM``;
+    ``metrics``: the names the loop logs (besides ``COMMON_METRICS``; names with a ``/``, such as
+    ``x/rank0`` or per-reward-function figures, are open-ended), which a sweep's metric is
+    checked against before any trial trains.
     """
 
     name: str
@@ -71,6 +88,10 @@ class Stage:
     check_data: Callable[[RunConfig, Any, Warn], None]
     summary_metrics: tuple[str, ...]
     causal_lm_only: bool = True
+    metrics: tuple[str, ...] = ()
+
+    def logged_metrics(self) -> frozenset[str]:
+        return frozenset(COMMON_METRICS + self.metrics)
 
     def __post_init__(self) -> None:
         roles = [i.role for i in self.inputs]

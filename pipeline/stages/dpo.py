@@ -32,7 +32,7 @@ from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
 from raypeft.pipeline.rl_math import dpo_loss, token_logprobs
 from raypeft.pipeline.roles import Roles
 from raypeft.pipeline.stages import common, pairs
-from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
+from raypeft.pipeline.stages.definition import ROUGE_METRICS, AdapterInput, BatchShape, Stage, before_after
 
 NAME = "dpo"
 POLICY, REFERENCE = "policy", "reference"
@@ -208,4 +208,8 @@ STAGE = Stage(
     inputs=(AdapterInput(POLICY, "dpo.policy_init"), AdapterInput(REFERENCE, "dpo.reference", follows=POLICY)),
     batch=batch_shape, check_data=check_data,
     summary_metrics=("rouge", "eval_accuracy", "eval_margin", "eval_reward"),
+    metrics=ROUGE_METRICS + ("train_loss", "train_accuracy", "train_margin", "reward_chosen", "reward_rejected",
+                             "epoch", "train_pairs", "eval_pairs", "truncated_pairs", "reference_is_base")
+    + before_after("eval_loss", "eval_accuracy", "eval_margin", "eval_reward_chosen", "eval_reward_rejected",
+                   "eval_logp_accuracy"),
 )

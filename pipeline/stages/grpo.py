@@ -63,7 +63,7 @@ from raypeft.pipeline.rl_math import (GROUP_ESTIMATORS, KLPenalty, clipped_surro
 from raypeft.pipeline.roles import Roles
 from raypeft.pipeline.rollout_engine import RolloutEngine
 from raypeft.pipeline.stages import common
-from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
+from raypeft.pipeline.stages.definition import ROUGE_METRICS, AdapterInput, BatchShape, Stage, before_after
 from raypeft.pipeline.stages.policy_eval import PolicyEvaluation
 
 NAME = "grpo"
@@ -456,4 +456,9 @@ STAGE = Stage(
     inputs=(AdapterInput(POLICY, "grpo.policy_init"), AdapterInput(REFERENCE, "grpo.reference", follows=POLICY),
             AdapterInput(REWARD, "grpo.reward_adapter", reward_model=True, optional=True)),
     batch=batch_shape, check_data=check_data, summary_metrics=("rouge", "eval_reward", "eval_kl"),
+    metrics=ROUGE_METRICS + ("reward_mean", "reward_std", "group_reward_std", "zero_variance_group_fraction",
+                             "skipped_group_fraction", "completion_length", "eos_fraction", "loss", "clip_fraction_low",
+                             "clip_fraction_high", "approx_kl", "entropy", "kl", "updates", "prompts", "base_params",
+                             "base_params_missing", "non_base_non_role_params", "reference_is_base")
+    + before_after("eval_reward", "eval_kl", "eval_completion_length"),
 )

@@ -40,8 +40,11 @@ def check_pair_data(cfg: RunConfig, stage: str, spec: Any, tokenizer: Any, warn:
     refused (``data.truncation: error``) or counted in a warning."""
     field = f"{stage}.data"
     train, _ = pair_rows(cfg, spec.data, field)
-    _, report = tokenized_pairs(cfg, train, tokenizer, spec.data.columns)
-    report_truncation(f"{field}.source", report.truncated, report.rows, cfg.data.max_length, warn)
+    rows, report = tokenized_pairs(cfg, train, tokenizer, spec.data.columns)
+    report_truncation(f"{field}.source", report.truncated, report.rows, cfg.data.max_length, warn,
+                      report.responses_cut)
+    common.require_batches(len(rows), spec.batch_size, cfg.scaling.num_workers, field=f"{stage}.batch_size",
+                           rows=f"{field}.source (after the held-out pairs)")
 
 
 @dataclass

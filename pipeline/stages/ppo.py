@@ -65,7 +65,7 @@ from raypeft.pipeline.roles import Roles, has_value_head
 from raypeft.pipeline.rollout import Rollout
 from raypeft.pipeline.rollout_engine import RolloutEngine
 from raypeft.pipeline.stages import common
-from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
+from raypeft.pipeline.stages.definition import ROUGE_METRICS, AdapterInput, BatchShape, Stage, before_after
 from raypeft.pipeline.stages.policy_eval import PolicyEvaluation
 
 NAME = "ppo"
@@ -353,14 +353,21 @@ def batch_shape(cfg: RunConfig) -> BatchShape:
 
 
 def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
-    """The SFT rows held-out ROUGE reads (with ``eval.rouge``), the prompts, and room for a prompt
-    beside the longest response within ``data.max_length``."""
+    """The SFT rows held-out ROUGE reads (with ``eval.rouge``), the prompts, room for a prompt
+    beside the longest response within ``data.max_length``, and enough prompts for the held-out
+    ones and one rollout batch on every worker."""
     if cfg.eval.rouge:
         sft_rows(cfg)
-    prompt_rows(cfg, cfg.ppo.data, "ppo.data")
+    n_rows = len(prompt_rows(cfg, cfg.ppo.data, "ppo.data"))
     if cfg.ppo.generation.max_new_tokens > cfg.data.max_length - 8:
         raise ConfigError(f"ppo.generation.max_new_tokens: {cfg.ppo.generation.max_new_tokens} leaves no room "
                           f"for a prompt within data.max_length={cfg.data.max_length}")
+    if cfg.ppo.eval_prompts >= n_rows:
+        raise ConfigError(f"ppo.eval_prompts: {cfg.ppo.eval_prompts} held-out prompts leave none of the {n_rows} "
+                          "prompt rows of ppo.data.source for training")
+    common.require_batches(n_rows - cfg.ppo.eval_prompts, cfg.ppo.rollout_batch_size, cfg.scaling.num_workers,
+                           field="ppo.rollout_batch_size",
+                           rows=f"ppo.data.source ({n_rows} rows less ppo.eval_prompts={cfg.ppo.eval_prompts})")
 
 
 STAGE = Stage(
@@ -368,4 +375,9 @@ STAGE = Stage(
     inputs=(AdapterInput(POLICY, "ppo.policy_init"), AdapterInput(REFERENCE, "ppo.reference", follows=POLICY),
             AdapterInput(REWARD, "ppo.reward_adapter", reward_model=True), AdapterInput(CRITIC, "ppo.critic_init")),
     batch=batch_shape, check_data=check_data, summary_metrics=("rouge", "eval_reward", "eval_kl"),
+    metrics=ROUGE_METRICS + ("reward_mean", "reward_std", "kl", "kl_coef", "non_score_reward", "response_length",
+                             "eos_fraction", "value_mean", "return_mean", "value_explained_variance", "policy_loss",
+                             "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy", "prompts",
+                             "base_params", "base_params_missing", "non_base_non_role_params")
+    + before_after("eval_reward", "eval_kl", "eval_response_length"),
 )

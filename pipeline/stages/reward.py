@@ -27,7 +27,7 @@ from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
 from raypeft.pipeline.rl_math import bradley_terry_loss
 from raypeft.pipeline.roles import Roles, has_value_head
 from raypeft.pipeline.stages import common, pairs
-from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
+from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage, before_after
 
 NAME = "reward"
 ROLE = "reward"
@@ -156,4 +156,6 @@ def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
 STAGE = Stage(
     name=NAME, section=RewardSpec, train_loop=train_loop, inputs=(AdapterInput("init", "reward.init_from"),),
     batch=batch_shape, check_data=check_data, summary_metrics=("eval_accuracy", "eval_margin"),
+    metrics=("train_loss", "train_accuracy", "train_margin", "epoch", "train_pairs", "eval_pairs", "truncated_pairs")
+    + before_after("eval_accuracy", "eval_margin", "eval_loss"),
 )

@@ -23,7 +23,7 @@ from raypeft.pipeline.modeling import attach_adapter, load_base_model, load_toke
 from raypeft.pipeline.preflight_checks import Warn, report_truncation
 from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
 from raypeft.pipeline.stages import common
-from raypeft.pipeline.stages.definition import AdapterInput, BatchShape, Stage
+from raypeft.pipeline.stages.definition import ROUGE_METRICS, AdapterInput, BatchShape, Stage
 
 NAME = "sft"
 
@@ -135,11 +135,15 @@ def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
     """The SFT rows and their columns; rows over ``data.max_length`` refused (``data.truncation:
     error``) or counted in a warning."""
     train, _ = sft_rows(cfg)
-    _, report = tokenized_sft(cfg, train, tokenizer)
-    report_truncation("data.source", report.truncated, report.rows, cfg.data.max_length, warn)
+    rows, report = tokenized_sft(cfg, train, tokenizer)
+    report_truncation("data.source", report.truncated, report.rows, cfg.data.max_length, warn, report.responses_cut)
+    common.require_batches(len(rows), cfg.sft.batch_size, cfg.scaling.num_workers, field="sft.batch_size",
+                           rows="data.source (after the held-out rows)", need=cfg.sft.grad_accum,
+                           need_why=f"sft.grad_accum={cfg.sft.grad_accum}")
 
 
 STAGE = Stage(
     name=NAME, section=SFTSpec, train_loop=train_loop, inputs=(AdapterInput("init", "adapter.init_from"),),
     batch=batch_shape, check_data=check_data, summary_metrics=("rouge",), causal_lm_only=False,
+    metrics=ROUGE_METRICS + ("train_loss", "epoch", "train_rows", "truncated_rows"),
 )

@@ -2,6 +2,10 @@
 
 import sys
 
-from raypeft.cli import main
+try:  # the imports take seconds (torch, ray, mlflow): Ctrl-C there is an interrupt too, not a traceback
+    from raypeft.cli import main
+except KeyboardInterrupt:
+    print("raypeft: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -11,11 +11,13 @@ import argparse
 import sys
 from typing import Callable
 
-from raypeft.pipeline import model_registry
+from raypeft.pipeline import launcher, model_registry
 from raypeft.pipeline.config import ConfigError, RunConfig, load_config
 from raypeft.pipeline.data import DataError
 from raypeft.pipeline.evaluate_adapter import evaluate_adapter
+from raypeft.pipeline.failures import failure_line
 from raypeft.pipeline.preflight import preflight
+from raypeft.pipeline.preflight_checks import probe_tracking
 from raypeft.pipeline.stages.registry import stage_named
 from raypeft.pipeline.tracking import TrackingError
 from raypeft.pipeline.workflow import StageOutcome, run_workflow
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(run)
     run.add_argument("--stage", action="append", default=None,
                      help="run only this stage (repeatable); its inputs must already exist")
+    run.add_argument("--fresh", action="store_true",
+                     help="start over: do not resume a workflow that a crash or Ctrl-C stopped part-way")
 
     check = sub.add_parser("validate", help="check a config, its model, adapter targets and data; start nothing")
     check.add_argument("config")
@@ -74,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         preflight(cfg)
         print(f"{args.config}: ok")
         return 0
-    for outcome in run_workflow(cfg, args.stage):
+    for outcome in run_workflow(cfg, args.stage, fresh=args.fresh):
         print(f"[raypeft] {outcome.stage}: {_summary(outcome)}")
     return 0
 
@@ -101,6 +105,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _registry(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or RunConfig().tracking_uri()
+    field = "--tracking-uri" if args.tracking_uri else RunConfig().tracking_uri_field()
+    probe_tracking(uri, write=False, field=field)  # bounded, and a missing store is not created
     if args.registry_command == "list":
         print(model_registry.format_versions(model_registry.list_versions(uri, args.name)))
     else:
@@ -129,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raypeft: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        launcher.shutdown_ray()  # no stray workers; the MLflow runs were ended KILLED on the way out
         print("raypeft: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a training failure: one line here, the traceback is in the Ray log
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"raypeft: {failed}: {type(exc).__name__}: {first}", file=sys.stderr)
+    except Exception as exc:  # a training failure: its root cause in one line, the traceback in the Ray log
+        print(f"raypeft: {failed}: {failure_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -109,7 +110,11 @@ CASES = [
          r"set data\.truncation: left-prompt"),
     Case("rows-too-long-warn", S("data.source={data}/long.jsonl"),
          r"^raypeft: warning: data\.max_length: 38 of 38 rows of data\.source are longer than 256 tokens; "
-         r"their prompts are cut from the left", command="validate", rc=0),
+         r"their prompts are cut from the left \(data", command="validate", rc=0),
+    Case("response-too-long-warn", S("data.source={data}/long_response.jsonl"),
+         r"^raypeft: warning: data\.max_length: 38 of 38 rows of data\.source are longer than 256 tokens; their "
+         r"prompts are cut from the left, and in 38 of them the response itself is longer than the room left and "
+         r"is cut at its end", command="validate", rc=0),
     # --- input adapters
     Case("adapter-no-config", S("adapter.init_from={data}/no_config"),
          r"adapter\.init_from: .*no_config: not an adapter folder \(no adapter_config\.json\)"),
@@ -131,7 +136,99 @@ CASES = [
          r"adapter\.init_from: models:/no-such-adapter/1: cannot resolve \(.*no-such-adapter.*\)", store="shared"),
     Case("registry-alias-missing", S("adapter.init_from=models:/known-adapter@champion", "tracking.uri={store}"),
          r"adapter\.init_from: models:/known-adapter@champion: cannot resolve \(.*champion.*\)", store="shared"),
+
+    # === issue 19, class 1: inputs that used to pass validate and fail inside Ray
+    Case("sft-batch-larger-than-share", S("sft.batch_size=100000"),
+         r"sft\.batch_size: 100000 per worker x 2 workers needs 200000 training rows for one batch; data\.source "
+         r"\(after the held-out rows\) gives \d+"),
+    Case("sft-two-rows-two-workers", S("data.source={data}/two_rows.jsonl", "sft.batch_size=1",
+                                       "eval.rouge=false"),
+         r"sft\.batch_size: 1 per worker x 2 workers needs 2 training rows for one batch; .* gives 1"),
+    Case("sft-grad-accum-too-large", S("sft.grad_accum=100000"),
+         r"sft\.batch_size: 16 per worker x 2 workers needs \d+ training rows for 100000 batches "
+         r"\(sft\.grad_accum=100000\)"),
+    Case("reward-batch-larger-than-share", S("stages=[reward]", "reward.init_from=null", "reward.batch_size=100000"),
+         r"reward\.batch_size: 100000 per worker x 2 workers needs 200000 .*reward\.data\.source"),
+    Case("dpo-batch-larger-than-share", S("stages=[dpo]", "dpo.policy_init=null", "dpo.batch_size=100000",
+                                          "eval.rouge=false"),
+         r"dpo\.batch_size: 100000 per worker x 2 workers needs 200000"),
+    Case("ppo-eval-prompts-all", S("stages=[sft,reward,ppo]", "ppo.eval_prompts=100000"),
+         r"ppo\.eval_prompts: 100000 held-out prompts leave none of the \d+ prompt rows of ppo\.data\.source"),
+    Case("ppo-rollout-larger-than-share", S("stages=[sft,reward,ppo]", "ppo.rollout_batch_size=100000",
+                                            "ppo.minibatches=1"),
+         r"ppo\.rollout_batch_size: 100000 per worker x 2 workers needs 200000 training rows"),
+    Case("seed-beyond-64-bits", S("seed=18446744073709551616"), r"seed: input should be less than 4294967296"),
+    Case("seed-negative", S("seed=-1"), r"seed: input should be greater than or equal to 0, got -1"),
+    Case("epochs-inf", S("sft.epochs=.inf"), r"sft\.epochs: input should be a finite number, got inf"),
+    Case("learning-rate-nan", S("sft.learning_rate=.nan"), r"sft\.learning_rate: input should be a finite number"),
+    Case("resources-negative", S("scaling.resources_per_worker={CPU: -1}"),
+         r"scaling\.resources_per_worker: amounts must be 0 or more \(CPU: -1\)"),
+    Case("registered-name-slash", S("tracking.registered_model_name=team/adapter"),
+         r"tracking\.registered_model_name: may not contain '/' \(MLflow refuses"),
+    Case("registered-name-colon", S("tracking.registered_model_name=a:b"),
+         r"tracking\.registered_model_name: may not contain ':'"),
+    Case("registered-name-blank", S("tracking.registered_model_name=' '"),
+         r"tracking\.registered_model_name: must not be blank"),
+
+    # === issue 19, class 2: input errors that used to be "stage failed" (exit 1) or a traceback
+    Case("config-latin1", [], r".*/latin1\.yaml: not UTF-8 text \(byte 0xe9 at offset \d+, line 2\); save it as UTF-8",
+         config="{data}/latin1.yaml"),
+    Case("config-utf16", [], r".*/utf16\.yaml: UTF-16 text \(it starts with a UTF-16 byte-order mark\)",
+         config="{data}/utf16.yaml"),
+    Case("config-stray-byte", [], r".*/stray\.yaml: not UTF-8 text \(byte 0xff at offset \d+, line 3\)",
+         config="{data}/stray.yaml"),
+    Case("data-latin1", S("data.source={data}/latin1.jsonl"),
+         r"data\.source: .*/latin1\.jsonl is not UTF-8 text \(byte 0xe9 at offset \d+, line 1\)"),
+    Case("data-utf16", S("data.source={data}/utf16.jsonl"), r"data\.source: .*/utf16\.jsonl is UTF-16 text"),
+    Case("data-csv-stray-byte", S("data.source={data}/stray.csv"),
+         r"data\.source: .*/stray\.csv is not UTF-8 text \(byte 0xff"),
+    Case("yaml-nested-thousands-deep", [], r".*/deep\.yaml: YAML syntax error at line 2, .*: nested more than 64 "
+         r"levels deep", config="{data}/deep.yaml"),
+    Case("r-too-large-to-allocate", S("adapter.r=100000000"),
+         r"adapter\.r: 100000000 gives .* trainable parameters, .* GB with their gradients and Adam state, more "
+         r"than this machine's .* GB of memory"),
+    Case("adapter-zero-bytes", S("adapter.init_from={data}/zero_bytes"),
+         r"adapter\.init_from: .*zero_bytes/adapter_model\.safetensors is empty \(0 bytes\)"),
+    Case("adapter-truncated", S("adapter.init_from={data}/truncated"),
+         r"adapter\.init_from: .*truncated/adapter_model\.safetensors is not a readable safetensors file"),
+    Case("adapter-nan-weights", S("adapter.init_from={data}/nan_weights"),
+         r"adapter\.init_from: .*nan_weights/adapter_model\.safetensors: tensor .* has \d+ NaN or infinite values"),
+    Case("adapter-int-weights", S("adapter.init_from={data}/int_weights"),
+         r"adapter\.init_from: .*int_weights/adapter_model\.safetensors: tensor .* is int64, expected a "
+         r"floating-point dtype"),
+    Case("output-dir-is-a-file", S("output_dir={data}/a_file", "name=x"),
+         r"output_dir: .*/a_file lies under .*/a_file, which is a file|output_dir: .*a_file.* is a file"),
+    Case("output-dir-under-a-file", S("output_dir={data}/a_file/sub"),
+         r"output_dir: .*/a_file/sub/\S+ lies under .*/a_file, which is a file, not a folder"),
+    Case("output-dir-read-only", S("output_dir=/proc/raypeft-out"),
+         r"output_dir: cannot write in /proc \(read-only, or permission denied\)"),
+    Case("tracking-unsupported-scheme", S("tracking.uri=ftp://example.org/mlflow"),
+         r"tracking\.uri: unsupported scheme 'ftp' in ftp://example\.org/mlflow; expected one of sqlite, http"),
+    Case("tracking-not-a-uri", S("tracking.uri=just some words"),
+         r"tracking\.uri: 'just some words' is not a URI; expected sqlite:////abs/path/mlflow\.db"),
+    Case("experiment-empty", S("tracking.experiment=''"), r"tracking\.experiment: must not be blank"),
+    Case("sqlite-read-only-folder", S("tracking.uri=sqlite:////proc/m.db"),
+         r"tracking\.uri: the store sqlite:////proc/m\.db is not writable: cannot write in /proc", 
+         extra={"max_seconds": 20}),
+
+    # === issue 19, class 3: inputs that used to hang
+    Case("yaml-alias-bomb", [], r".*/bomb\.yaml: YAML syntax error at line 1, column 1: its aliases expand to more "
+         r"than 100,000 values \(an alias bomb\?\)", config="{data}/bomb.yaml", extra={"max_seconds": 10}),
+    Case("set-alias-bomb", ["--set", "sft.epochs=" + "&a [1,1,1,1,1,1,1,1,1,1]"],
+         r"sft\.epochs: input should be a valid number, got \[1, 1, 1, 1, 1, 1, \.\.\.\]", extra={"max_seconds": 10}),
+    Case("more-workers-than-cpus", S("scaling.num_workers=100000"),
+         r"scaling\.num_workers: 100000 workers x 1 CPU each need 100000 CPUs; this machine has \d+ \(a local "
+         r"Ray would wait for them forever\)"),
+    Case("cpus-per-worker-too-many", S("scaling.resources_per_worker={CPU: 100000}"),
+         r"scaling\.num_workers: 2 workers x 100000 CPU each need 200000 CPUs"),
+    Case("custom-resource-local", S("scaling.resources_per_worker={CPU: 1, TPU: 1}"),
+         r"scaling\.resources_per_worker\.TPU: a custom resource, which a local Ray does not have"),
+    Case("ray-address-dead", [], r"RAY_ADDRESS: cannot reach the Ray cluster at 127\.0\.0\.1:\d+ "
+         r"\(connection refused\)", extra={"env": {"RAY_ADDRESS": "127.0.0.1:{port}"}, "max_seconds": 20}),
 ]
+if not torch.cuda.is_available():
+    CASES.append(Case("use-gpu-without-gpu", S("scaling.use_gpu=true"),
+                      r"scaling\.num_workers: 2 workers x 1 GPU each need 2 GPUs; this machine has 0 .*use_gpu: false"))
 
 
 def _free_port() -> int:
@@ -150,7 +247,7 @@ def _lora_adapter(base: torch.nn.Module, folder: Path, r: int = 4) -> None:
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Bad files, odd adapters and a registry store with one model (no runs) shared by all cases."""
     from mlflow import MlflowClient
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raypeft.pipeline.config import ModelSpec
@@ -167,6 +264,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "qa.jsonl").write_text("\n".join(json.dumps({"q": f"question {i}", "a": f"answer {i}"}) for i in range(40)))
     (d / "long.jsonl").write_text("\n".join(json.dumps({"dialogue": "word " * 400, "summary": f"short {i}"})
                                             for i in range(40)))
+    (d / "long_response.jsonl").write_text("\n".join(json.dumps({"dialogue": f"short {i}", "summary": "word " * 400})
+                                                     for i in range(40)))
     (d / "no_config").mkdir()
     (d / "no_config" / "adapter_model.safetensors").write_bytes(b"")
 
@@ -181,6 +280,36 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     weights = load_file(str(d / "pickled" / "adapter_model.safetensors"))
     torch.save(weights, d / "pickled" / "adapter_model.bin")
     (d / "pickled" / "adapter_model.safetensors").unlink()
+
+    # Text that is not UTF-8, YAML that nests or expands without bound (issue 19).
+    (d / "latin1.yaml").write_bytes("name: x\nsft: {epochs: 1}  # café\n".encode("latin-1"))
+    (d / "utf16.yaml").write_bytes("name: x\n".encode("utf-16"))
+    (d / "stray.yaml").write_bytes(b"name: x\nsft:\n  epochs: 1 \xff\n")
+    rows = [json.dumps({"dialogue": f"dialogue {i}", "summary": f"résumé {i}"}, ensure_ascii=False) for i in range(40)]
+    (d / "latin1.jsonl").write_bytes("\n".join(rows).encode("latin-1"))
+    (d / "utf16.jsonl").write_bytes("\n".join(rows).encode("utf-16"))
+    (d / "stray.csv").write_bytes(b"dialogue,summary\nhello,world\nhi \xff,there\n")
+    (d / "two_rows.jsonl").write_text("\n".join(json.dumps({"dialogue": f"d {i}", "summary": f"s {i}"})
+                                                for i in range(2)))
+    (d / "deep.yaml").write_text("name: x\nsft: " + "[" * 5000 + "]" * 5000 + "\n")
+    levels = ["a: &a [" + ", ".join(['"lol"'] * 9) + "]"]
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    (d / "bomb.yaml").write_text("\n".join(levels) + "\n")
+    (d / "a_file").write_text("not a folder")
+
+    # Adapters for the demo base whose safetensors file is empty, cut short, NaN or integer.
+    _lora_adapter(load_base_model(ModelSpec()), d / "good")
+    good = load_file(str(d / "good" / "adapter_model.safetensors"))
+    for name in ("zero_bytes", "truncated", "nan_weights", "int_weights"):
+        shutil.copytree(d / "good", d / name)
+    (d / "zero_bytes" / "adapter_model.safetensors").write_bytes(b"")
+    blob = (d / "good" / "adapter_model.safetensors").read_bytes()
+    (d / "truncated" / "adapter_model.safetensors").write_bytes(blob[:len(blob) // 2])
+    first = sorted(good)[0]
+    save_file({**good, first: torch.full_like(good[first], float("nan"))},
+              str(d / "nan_weights" / "adapter_model.safetensors"))
+    save_file({**good, first: good[first].to(torch.int64)}, str(d / "int_weights" / "adapter_model.safetensors"))
 
     store = f"sqlite:///{d / 'registry.db'}"
     client = MlflowClient(store)
@@ -220,8 +349,11 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case: Case, data_dir: Path
                                                       no_ray: list[str]) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     store = f"sqlite:///{data_dir / 'registry.db'}"
     values = {"case": str(tmp_path), "data": str(data_dir), "port": str(_free_port()), "store": store}
+    for key, value in case.extra.get("env", {}).items():
+        monkeypatch.setenv(key, _fill(value, **values))
     own_store = tmp_path / "m.db"
     argv = [case.command, _fill(case.config, **values),
             "--set", "stages=[sft]", "--set", f"output_dir={tmp_path / 'out'}",

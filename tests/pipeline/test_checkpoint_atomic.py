@@ -217,3 +217,17 @@ def test_publishing_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     _publish_adapter(_Result(_adapter_checkpoint(tmp_path / "c3", seed=3)), out)
     assert (out / "README.md").read_text() == "adapter 3\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["adapter"]  # the old one is gone too
+
+
+def test_publishing_clears_what_a_killed_driver_left_half_done(tmp_path: Path) -> None:
+    """A driver SIGKILLed mid-publish leaves a staging folder or an old copy; the next publish
+    (which holds the output folder's lock, so no one else is writing) removes them."""
+    from raypeft.pipeline.workflow import _publish_adapter
+
+    out = tmp_path / "out" / "sft" / "adapter"
+    out.parent.mkdir(parents=True)
+    (out.parent / ".adapter-abc123").mkdir()
+    (out.parent / ".adapter-abc123" / "adapter_model.safetensors").write_bytes(b"half")
+    (out.parent / ".adapter-old-4242").mkdir()
+    _publish_adapter(_Result(_adapter_checkpoint(tmp_path / "c1", seed=1)), out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["adapter"]
