@@ -11,19 +11,33 @@ from datasets import Dataset
 
 from raypeft.pipeline.config import PairDataSpec, PromptDataSpec, RunConfig
 from raypeft.pipeline.data import DataError, check_columns, load_rows, split_train_eval
-from raypeft.pipeline.demo import ensure_demo_assets
+from raypeft.pipeline.demo import as_conversation, ensure_demo_assets
 
 DEMO_SOURCE = "demo"
 
 
+def _demo_conversations(rows: Dataset) -> Dataset:
+    """The demo's dialogue/summary rows as ``{"messages": [system, user, assistant]}`` rows.
+
+    Mapped with a fingerprint of our own: ``Dataset.from_list`` would hash the new table with
+    dill, which in a Ray worker prints a disassembly of datasets' pickling helper to the log."""
+    return rows.map(lambda row: as_conversation(row["dialogue"], row["summary"]), remove_columns=rows.column_names,
+                    keep_in_memory=True, load_from_cache_file=False, new_fingerprint=f"{rows._fingerprint}-chat",
+                    desc="demo conversations")
+
+
 def sft_rows(cfg: RunConfig) -> tuple[Dataset, Dataset]:
-    """Train and held-out rows with the prompt/response columns the YAML names."""
+    """Train and held-out rows with the columns the YAML names: prompt/response text, or with
+    ``data.format: chat`` a messages column (or prompt/response message lists)."""
     data = cfg.data
     trust = cfg.model.trust_remote_code
+    chat = data.format == "chat"
     if data.source == DEMO_SOURCE:
         files = ensure_demo_assets().data_dir
         train = load_rows(str(files / "sft_train.jsonl"))
         held_out = load_rows(str(files / "sft_eval.jsonl"))
+        if chat:
+            train, held_out = _demo_conversations(train), _demo_conversations(held_out)
     else:
         train = load_rows(data.source, split=data.train_split, file_format=data.file_format,
                           subset=data.subset, trust_remote_code=trust)
@@ -37,6 +51,8 @@ def sft_rows(cfg: RunConfig) -> tuple[Dataset, Dataset]:
             train, held_out = split_train_eval(train, eval_fraction=data.eval_fraction or 0.05,
                                                eval_rows=None, seed=cfg.seed)
     required = {"prompt": data.columns.prompt, "response": data.columns.response}
+    if chat and data.columns.messages in train.column_names:
+        required = {"messages": data.columns.messages}
     if data.columns.task_id is not None:  # multitask prompt tuning
         required["task_id"] = data.columns.task_id
     check_columns(train, required, where="data.source")

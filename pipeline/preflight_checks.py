@@ -43,11 +43,12 @@ def warn_stderr(message: str) -> None:
 
 # ------------------------------------------------------------------------------ row lengths
 
-def report_truncation(field: str, truncated: int, rows: int, max_length: int, warn: Warn) -> None:
-    """Warn that ``truncated`` of the ``rows`` of ``field`` (e.g. ``data.source``) had their prompts cut."""
+def report_truncation(field: str, truncated: int, rows: int, max_length: int, warn: Warn,
+                      cut: str = "their prompts are cut from the left") -> None:
+    """Warn that ``truncated`` of the ``rows`` of ``field`` (e.g. ``data.source``) were cut (``cut``: how)."""
     if truncated:
         warn(f"data.max_length: {truncated} of {rows} rows of {field} are longer than {max_length} tokens; "
-             "their prompts are cut from the left (data.truncation: left-prompt; 'error' refuses them)")
+             f"{cut} (data.truncation: left-prompt; 'error' refuses them)")
 
 
 # ------------------------------------------------------------------------------ tracking

@@ -17,7 +17,9 @@ from typing import Any
 from raypeft.pipeline import engine, nonfinite_loss, tracking
 from raypeft.pipeline.adapter_hooks import adapter_hooks
 from raypeft.pipeline.config import RunConfig, SFTSpec
+from raypeft.pipeline.conversations import chat_tokenizer, is_chat, messages_column
 from raypeft.pipeline.data import SFTCollator, count_tokens, tokenize_sft
+from raypeft.pipeline.data.chat_rows import tokenize_chat_sft
 from raypeft.pipeline.inputs import sft_rows
 from raypeft.pipeline.modeling import attach_adapter, load_base_model, load_tokenizer
 from raypeft.pipeline.preflight_checks import Warn, report_truncation
@@ -31,6 +33,11 @@ NAME = "sft"
 def tokenized_sft(cfg: RunConfig, rows: Any, tokenizer: Any):
     """``(tokenized rows, truncation report)`` of SFT rows, with the ``data`` block's settings:
     the same on the driver (row-length check) as in the workers."""
+    if is_chat(cfg):
+        return tokenize_chat_sft(rows, chat_tokenizer(cfg, tokenizer), messages_column=messages_column(cfg, rows),
+                                 prompt_column=cfg.data.columns.prompt, response_column=cfg.data.columns.response,
+                                 max_length=cfg.data.max_length, train_on=cfg.data.train_on,
+                                 truncation=cfg.data.truncation)
     return tokenize_sft(rows, tokenizer, prompt_column=cfg.data.columns.prompt,
                         response_column=cfg.data.columns.response, prompt_template=cfg.data.prompt_template,
                         max_length=cfg.data.max_length, is_seq2seq=cfg.model.task_type == "SEQ_2_SEQ_LM",
@@ -134,9 +141,12 @@ def batch_shape(cfg: RunConfig) -> BatchShape:
 def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
     """The SFT rows and their columns; rows over ``data.max_length`` refused (``data.truncation:
     error``) or counted in a warning."""
-    train, _ = sft_rows(cfg)
+    train, held_out = sft_rows(cfg)
     _, report = tokenized_sft(cfg, train, tokenizer)
-    report_truncation("data.source", report.truncated, report.rows, cfg.data.max_length, warn)
+    report_truncation("data.source", report.truncated, report.rows, cfg.data.max_length, warn,
+                      **({"cut": "conversations keep their first max_length tokens"} if is_chat(cfg) else {}))
+    if is_chat(cfg) and cfg.eval.rouge:  # the held-out conversations are rendered for ROUGE in every worker
+        common.eval_prompts(cfg, tokenizer, held_out)
 
 
 STAGE = Stage(

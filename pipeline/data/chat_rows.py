@@ -1,0 +1,97 @@
+"""Conversational rows of every stage as token ids, through one chat template.
+
+The row formats (``data.format: chat``):
+
+* SFT: a column of whole conversations (``columns.messages``), or a prompt column of message
+  lists with a response column of assistant replies (a string or a list of assistant messages);
+* pairs (reward, DPO): chosen and rejected as whole conversations, or a prompt conversation with
+  chosen and rejected replies;
+* prompts (PPO, GRPO, evaluation): a column of message lists; generation continues from the
+  template's generation prompt.
+
+Rendering and the loss mask are :mod:`raypeft.pipeline.data.chat`'s; this module reads the
+columns, checks each row (one-line :class:`DataError` naming the column and the row) and
+applies ``max_length``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset
+
+from raypeft.pipeline.data.chat import (ChatTokenizer, Message, TrainOn, as_reply, check_conversation, split_last_reply,
+                                        truncate)
+from raypeft.pipeline.data.errors import DataError
+from raypeft.pipeline.data.tokenizing import IGNORE_INDEX, Truncation, TruncationReport, map_rows, require_columns
+
+
+def sft_conversation(row: dict[str, Any], row_index: int, *, messages_column: str | None, prompt_column: str,
+                     response_column: str, field: str = "data.columns") -> list[Message]:
+    """One SFT row as a conversation: its messages column, or prompt messages + response reply."""
+    if messages_column is not None:
+        return check_conversation(row[messages_column], field=f"{field}.messages", row=row_index,
+                                  need_assistant=True)
+    prompt = check_conversation(row[prompt_column], field=f"{field}.prompt", row=row_index)
+    return prompt + as_reply(row[response_column], field=f"{field}.response", row=row_index)
+
+
+def tokenize_chat_sft(
+    ds: Dataset,
+    chat: ChatTokenizer,
+    *,
+    messages_column: str | None,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    max_length: int,
+    train_on: TrainOn = "all",
+    truncation: Truncation = "left-prompt",
+) -> tuple[Dataset, TruncationReport]:
+    """``input_ids`` and ``labels`` of conversational SFT rows (loss on assistant turns only).
+
+    A conversation longer than ``max_length`` keeps its first ``max_length`` tokens (the system
+    prompt and the first turns survive; ``truncation: error`` refuses it instead); a row left
+    with no token to learn from is dropped (it would only add a zero-weight row).
+    """
+    columns = [messages_column] if messages_column is not None else [prompt_column, response_column]
+    require_columns(ds, columns)
+    truncated = [0]
+
+    def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out_ids, out_labels = [], []
+        for k, idx in enumerate(indices):
+            row = {c: batch[c][k] for c in columns}
+            messages = sft_conversation(row, idx, messages_column=messages_column, prompt_column=prompt_column,
+                                        response_column=response_column)
+            ids, labels = chat.encode(messages, train_on=train_on, row=idx)
+            if len(ids) > max_length:
+                if truncation == "error":
+                    raise DataError(f"data.max_length: row {idx} has {len(ids)} tokens, more than "
+                                    f"max_length={max_length}; set data.truncation: left-prompt or raise data.max_length")
+                truncated[0] += 1
+                ids, labels, _ = truncate(ids, labels, max_length)
+            if all(t == IGNORE_INDEX for t in labels[1:]):
+                continue
+            out_ids.append(ids)
+            out_labels.append(labels)
+        return {"input_ids": out_ids, "labels": out_labels}
+
+    out = map_rows(ds, fn, chat.tokenizer, "tokenize chat sft", messages_column, prompt_column, response_column,
+                   chat.template, max_length, train_on, truncation)
+    return out, TruncationReport(rows=len(ds), truncated=truncated[0])
+
+
+def eval_prompts(rows: Dataset, chat: ChatTokenizer, *, messages_column: str | None, prompt_column: str,
+                 response_column: str) -> tuple[list[str], list[str]]:
+    """``(prompt texts, references)`` of held-out conversational rows: the conversation before its
+    last assistant turn rendered with the generation prompt, and that turn's text."""
+    columns = [messages_column] if messages_column is not None else [prompt_column, response_column]
+    values = {c: list(rows[c]) for c in columns}
+    texts, references = [], []
+    for i in range(len(rows)):
+        messages = sft_conversation({c: values[c][i] for c in columns}, i, messages_column=messages_column,
+                                    prompt_column=prompt_column, response_column=response_column)
+        prompt, reference = split_last_reply(messages, field="data.columns", row=i)
+        texts.append(chat.generation_prompt(prompt, row=i))
+        references.append(reference)
+    return texts, references

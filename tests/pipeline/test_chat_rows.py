@@ -1,0 +1,105 @@
+"""Conversational SFT rows through the data layer, and the demo's chat template.
+
+The tokenizer is the demo's (``train_tokenizer`` on a few sentences, with its chat template);
+no cache or hub is touched.
+"""
+
+from __future__ import annotations
+
+import pytest
+from datasets import Dataset
+
+from raypeft.pipeline.data import IGNORE_INDEX, DataError
+from raypeft.pipeline.data.chat import ChatTokenizer
+from raypeft.pipeline.data.chat_rows import eval_prompts, tokenize_chat_sft
+from raypeft.pipeline.demo import DEMO_CHAT_TEMPLATE, DEMO_SYSTEM_PROMPT, as_conversation
+from raypeft.pipeline.demo.tokenizer import train_tokenizer, with_demo_template
+
+DIALOGUES = [("Anna: Are we meeting at noon?\nBen: Yes, at the cafe.", "Anna and Ben will meet at noon."),
+             ("Carl: I lost my keys.\nDana: Check the car.", "Carl lost his keys."),
+             ("Eve: The report is late.\nFrank: I will finish it tonight.", "Frank will finish the report tonight.")]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [d + "\n" + s for d, s in DIALOGUES] * 5 + [DEMO_SYSTEM_PROMPT, "User: Assistant:"] * 5
+    return train_tokenizer(texts, vocab_size=300)
+
+
+def _learned(tok, labels):
+    return tok.convert_ids_to_tokens([t for t in labels if t != IGNORE_INDEX])
+
+
+def test_demo_tokenizer_has_the_template(tok):
+    assert tok.chat_template == DEMO_CHAT_TEMPLATE
+    tok.chat_template = None
+    assert with_demo_template(tok).chat_template == DEMO_CHAT_TEMPLATE  # builds from before the template
+
+
+def test_demo_template_learns_reply_and_eos_only(tok):
+    chat = ChatTokenizer(tok)
+    row = as_conversation(*DIALOGUES[0])["messages"]
+    text = chat.render(row)
+    assert text == (f"<s>{DEMO_SYSTEM_PROMPT}\nUser: {DIALOGUES[0][0]}\nAssistant: {DIALOGUES[0][1]}</s>")
+    ids, labels = chat.encode(row)
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True) == DIALOGUES[0][1]
+    assert _learned(tok, labels)[-1] == "</s>"
+    prompt = chat.encode_prompt(row[:-1])
+    assert ids[:len(prompt)] == prompt and labels[len(prompt) - 1] == IGNORE_INDEX and labels[len(prompt)] != IGNORE_INDEX
+
+
+def test_messages_and_prompt_completion_columns_agree(tok):
+    chat = ChatTokenizer(tok)
+    convs = [as_conversation(d, s)["messages"] for d, s in DIALOGUES]
+    as_messages, report = tokenize_chat_sft(Dataset.from_list([{"messages": c} for c in convs]), chat,
+                                            messages_column="messages", max_length=256)
+    split = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1]["content"]} for c in convs])
+    as_columns, _ = tokenize_chat_sft(split, chat, messages_column=None, prompt_column="prompt",
+                                      response_column="completion", max_length=256)
+    listed = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in convs])
+    as_lists, _ = tokenize_chat_sft(listed, chat, messages_column=None, prompt_column="prompt",
+                                    response_column="completion", max_length=256)
+    assert report.truncated == 0
+    assert as_messages["input_ids"] == as_columns["input_ids"] == as_lists["input_ids"]
+    assert as_messages["labels"] == as_columns["labels"] == as_lists["labels"]
+    for c, ids in zip(convs, as_messages["input_ids"]):
+        assert ids == chat.encode(c)[0]
+
+
+def test_multi_turn_last_only(tok):
+    chat = ChatTokenizer(tok)
+    conv = [{"role": "user", "content": "Anna: hi"}, {"role": "assistant", "content": "Anna said hi."},
+            {"role": "user", "content": "Ben: hi"}, {"role": "assistant", "content": "Ben said hi."}]
+    ds = Dataset.from_list([{"messages": conv}])
+    all_turns, _ = tokenize_chat_sft(ds, chat, messages_column="messages", max_length=256, train_on="all")
+    last, _ = tokenize_chat_sft(ds, chat, messages_column="messages", max_length=256, train_on="last")
+    learned_all = tok.decode([t for t in all_turns[0]["labels"] if t != IGNORE_INDEX])
+    learned_last = tok.decode([t for t in last[0]["labels"] if t != IGNORE_INDEX])
+    assert learned_all.replace(" ", "") == "Annasaidhi.</s>Bensaidhi.</s>"
+    assert learned_last.replace(" ", "") == "Bensaidhi.</s>"
+
+
+def test_too_long_rows(tok):
+    chat = ChatTokenizer(tok)
+    convs = [as_conversation(d, s)["messages"] for d, s in DIALOGUES]
+    ds = Dataset.from_list([{"messages": c} for c in convs])
+    full, _ = tokenize_chat_sft(ds, chat, messages_column="messages", max_length=256)
+    n = len(full[0]["input_ids"])
+    prompt = len(chat.encode_prompt(convs[0][:-1]))
+    cut, report = tokenize_chat_sft(ds, chat, messages_column="messages", max_length=n - 2)
+    assert report.truncated >= 1
+    assert cut[0]["input_ids"] == full[0]["input_ids"][:n - 2] and cut[0]["labels"] == full[0]["labels"][:n - 2]
+    # a conversation cut before its reply has nothing to learn: dropped, not trained on as a zero row
+    dropped, report = tokenize_chat_sft(ds.select([0]), chat, messages_column="messages", max_length=prompt)
+    assert len(dropped) == 0 and report.truncated == 1
+    with pytest.raises(DataError, match=r"^data.max_length: row 0 has \d+ tokens, more than max_length=\d+"):
+        tokenize_chat_sft(ds, chat, messages_column="messages", max_length=n - 2, truncation="error")
+
+
+def test_eval_prompts(tok):
+    chat = ChatTokenizer(tok)
+    ds = Dataset.from_list([as_conversation(d, s) for d, s in DIALOGUES])
+    texts, refs = eval_prompts(ds, chat, messages_column="messages", prompt_column="prompt",
+                               response_column="response")
+    assert refs == [s for _, s in DIALOGUES]
+    assert texts[0] == f"<s>{DEMO_SYSTEM_PROMPT}\nUser: {DIALOGUES[0][0]}\nAssistant:"
