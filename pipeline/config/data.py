@@ -44,10 +44,12 @@ class DataSpec(StrictModel):
     max_train_rows: int | None = Field(default=None, gt=0)
     # Conversations (pipeline/data/chat.py). ``format: chat`` reads every stage's rows as message lists
     # rendered through ``chat_template`` (inline Jinja or a file; null: the tokenizer's own template);
-    # ``train_on``: loss on every assistant turn (all) or on the last one (last).
+    # ``train_on``: loss on every assistant turn (all) or on the last one (last); ``packing``: SFT puts a
+    # micro-batch's conversations in one row, no padding, no attention across them.
     format: Literal["text", "chat"] = "text"
     chat_template: str | None = None
     train_on: Literal["all", "last"] = "all"
+    packing: bool = False
 
     @field_validator("prompt_template")
     @classmethod

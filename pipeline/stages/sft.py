@@ -20,6 +20,7 @@ from raypeft.pipeline.config import RunConfig, SFTSpec
 from raypeft.pipeline.conversations import chat_tokenizer, is_chat, messages_column
 from raypeft.pipeline.data import SFTCollator, count_tokens, tokenize_sft
 from raypeft.pipeline.data.chat_rows import tokenize_chat_sft
+from raypeft.pipeline.data.packing import PackedSFTCollator
 from raypeft.pipeline.inputs import sft_rows
 from raypeft.pipeline.modeling import attach_adapter, load_base_model, load_tokenizer
 from raypeft.pipeline.preflight_checks import Warn, report_truncation
@@ -55,7 +56,8 @@ def train_loop(payload: dict[str, Any]) -> None:
                            init_dir=payload.get("init_adapter"))
     train_rows, held_out = sft_rows(cfg)
     train_set, truncation = tokenized_sft(cfg, train_rows, tokenizer)
-    collate = SFTCollator(pad_token_id=tokenizer.pad_token_id)
+    # Packed: a micro-batch's rows in one row without padding (pipeline/data/packing.py).
+    collate = PackedSFTCollator() if cfg.data.packing else SFTCollator(pad_token_id=tokenizer.pad_token_id)
 
     s = cfg.sft
     micro_per_epoch = len(common.epoch_batches(len(train_set), s.batch_size, worker, cfg.seed, 0))
