@@ -3,8 +3,9 @@
 ``data.format: chat`` makes every stage read message lists; this module turns the YAML's
 ``chat_template`` (inline Jinja, a file, or null for the tokenizer's own) into a
 :class:`~raypeft.pipeline.data.chat.ChatTokenizer`, and says whether SFT rows come as a
-``messages`` column or as prompt/response message lists. The same calls run on the driver
-(preflight) and in the workers, so both read rows the same way.
+``messages`` column or as prompt/response message lists; and it tokenizes the policy stages'
+prompts either way. The same calls run on the driver (preflight) and in the workers, so both
+read rows the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 from datasets import Dataset
 
 from raypeft.pipeline.config import RunConfig
+from raypeft.pipeline.data import tokenize_prompts
 from raypeft.pipeline.data.chat import ChatTokenizer, read_template
+from raypeft.pipeline.data.chat_rows import tokenize_chat_prompts
 
 
 def is_chat(cfg: RunConfig) -> bool:
@@ -32,3 +35,15 @@ def messages_column(cfg: RunConfig, rows: Dataset) -> str | None:
     instead (the rows have no ``columns.messages`` column)."""
     column = cfg.data.columns.messages
     return column if column in rows.column_names else None
+
+
+def tokenized_prompts(cfg: RunConfig, rows: Dataset, tokenizer: Any, *, column: str, max_length: int,
+                      field: str) -> Dataset:
+    """Prompt ids for the policy stages (``field``: the stage's data block): the prompt template
+    on a text column, or (``data.format: chat``) a column of conversations through the chat
+    template's generation prompt, so generation continues as the assistant."""
+    if is_chat(cfg):
+        return tokenize_chat_prompts(rows, chat_tokenizer(cfg, tokenizer, f"{field}.column"), prompt_column=column,
+                                     max_length=max_length, field=f"{field}.column")
+    return tokenize_prompts(rows, tokenizer, prompt_column=column, prompt_template=cfg.data.prompt_template,
+                            max_length=max_length)

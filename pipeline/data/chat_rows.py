@@ -95,3 +95,93 @@ def eval_prompts(rows: Dataset, chat: ChatTokenizer, *, messages_column: str | N
         texts.append(chat.generation_prompt(prompt, row=i))
         references.append(reference)
     return texts, references
+
+
+def tokenize_chat_prompts(ds: Dataset, chat: ChatTokenizer, *, prompt_column: str, max_length: int,
+                          field: str) -> Dataset:
+    """Prompt ids for generation (PPO, GRPO): each row's conversation rendered with the template's
+    generation prompt, so sampling continues as the assistant. Too long a prompt keeps its end
+    (the generation prompt and the latest turns), with the template's first token kept when it is
+    the tokenizer's bos. ``prompt_text`` holds the conversation's last user turn."""
+    require_columns(ds, [prompt_column])
+    bos = getattr(chat.tokenizer, "bos_token_id", None)
+
+    def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        ids, texts = [], []
+        for value, idx in zip(batch[prompt_column], indices):
+            messages = check_conversation(value, field=field, row=idx)
+            row_ids = chat.encode_prompt(messages, row=idx)
+            if len(row_ids) > max_length:
+                head = row_ids[:1] if bos is not None and row_ids[0] == bos else []
+                row_ids = head + row_ids[len(row_ids) - (max_length - len(head)):]
+            ids.append(row_ids)
+            users = [m["content"] for m in messages if m["role"] == "user"]
+            texts.append(users[-1] if users else messages[-1]["content"])
+        return {"input_ids": ids, "prompt_text": texts}
+
+    return map_rows(ds, fn, chat.tokenizer, "tokenize chat prompts", prompt_column, chat.template, max_length)
+
+
+def pair_conversations(row: dict[str, Any], idx: int, *, prompt_column: str | None, chosen_column: str,
+                       rejected_column: str, field: str) -> tuple[list[Message], list[Message]]:
+    """``(chosen, rejected)`` whole conversations of a preference row: a shared prompt conversation
+    plus two replies, or (no prompt column) two whole conversations that end in an assistant turn."""
+    sides = []
+    for column in (chosen_column, rejected_column):
+        if prompt_column is not None:
+            prompt = check_conversation(row[prompt_column], field=f"{field}.prompt", row=idx)
+            sides.append(prompt + as_reply(row[column], field=f"{field}.{column}", row=idx))
+        else:
+            conv = check_conversation(row[column], field=f"{field}.{column}", row=idx, need_assistant=True)
+            if conv[-1]["role"] != "assistant":
+                raise DataError(f"{field}.{column}: row {idx} does not end with an assistant turn")
+            sides.append(conv)
+    return sides[0], sides[1]
+
+
+def tokenize_chat_pairs(
+    ds: Dataset,
+    chat: ChatTokenizer,
+    *,
+    prompt_column: str | None,
+    chosen_column: str,
+    rejected_column: str,
+    max_length: int,
+    truncation: Truncation = "left-prompt",
+    field: str = "reward.data.columns",
+) -> tuple[Dataset, TruncationReport]:
+    """Preference pairs (reward, DPO) of conversations: ``chosen_/rejected_input_ids`` and
+    ``_labels`` with the loss mask on each side's last assistant turn (what the pair compares).
+
+    A side over ``max_length`` keeps its first ``max_length`` tokens (the shared prompt renders to
+    the same tokens on both sides, so both keep it whole while it fits); ``truncation: error``
+    refuses the pair instead. A pair counts as truncated once.
+    """
+    columns = [c for c in (prompt_column, chosen_column, rejected_column) if c is not None]
+    require_columns(ds, columns)
+    truncated = [0]
+
+    def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"chosen_input_ids": [], "chosen_labels": [],
+                                "rejected_input_ids": [], "rejected_labels": []}
+        for k, idx in enumerate(indices):
+            row = {c: batch[c][k] for c in columns}
+            chosen, rejected = pair_conversations(row, idx, prompt_column=prompt_column, chosen_column=chosen_column,
+                                                  rejected_column=rejected_column, field=field)
+            cut = False
+            for side, messages in (("chosen", chosen), ("rejected", rejected)):
+                ids, labels = chat.encode(messages, train_on="last", row=idx)
+                if len(ids) > max_length:
+                    if truncation == "error":
+                        raise DataError(f"data.max_length: row {idx} {side} side has {len(ids)} tokens, more than "
+                                        f"max_length={max_length}; set data.truncation: left-prompt or raise "
+                                        "data.max_length")
+                    ids, labels, cut = *truncate(ids, labels, max_length)[:2], True
+                out[f"{side}_input_ids"].append(ids)
+                out[f"{side}_labels"].append(labels)
+            truncated[0] += cut
+        return out
+
+    out = map_rows(ds, fn, chat.tokenizer, "tokenize chat pairs", prompt_column, chosen_column, rejected_column,
+                   chat.template, max_length, truncation)
+    return out, TruncationReport(rows=len(ds), truncated=truncated[0])

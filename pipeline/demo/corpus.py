@@ -362,6 +362,11 @@ def as_conversation(dialogue: str, summary: str) -> dict[str, list[dict[str, str
                          {"role": "assistant", "content": summary}]}
 
 
+def as_prompt_conversation(dialogue: str) -> list[dict[str, str]]:
+    """A demo prompt (a dialogue) as the conversation a reply continues: ``[system, user]``."""
+    return as_conversation(dialogue, "")["messages"][:2]
+
+
 def generate_corpus(settings: DemoSettings) -> Corpus:
     """All splits, deterministic from ``settings.seed``; no dialogue appears in two rows."""
     rng = random.Random(f"raypeft-demo-{settings.seed}")

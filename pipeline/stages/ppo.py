@@ -50,7 +50,8 @@ import torch
 from raypeft.pipeline import engine, nonfinite_loss, rollout, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import ConfigError, PPOSpec, RunConfig
-from raypeft.pipeline.data import PromptCollator, tokenize_prompts
+from raypeft.pipeline.conversations import is_chat, tokenized_prompts
+from raypeft.pipeline.data import PromptCollator
 from raypeft.pipeline.inputs import prompt_rows, sft_rows
 from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
 from raypeft.pipeline.preflight_checks import Warn
@@ -227,8 +228,8 @@ def train_loop(payload: dict[str, Any]) -> None:
     if prompt_room < 8:
         raise ValueError(f"ppo.generation.max_new_tokens: {spec.generation.max_new_tokens} leaves "
                          f"{prompt_room} of data.max_length={cfg.data.max_length} for the prompt")
-    prompts = tokenize_prompts(prompt_rows(cfg, spec.data, "ppo.data"), tokenizer, prompt_column=spec.data.column,
-                               prompt_template=cfg.data.prompt_template, max_length=prompt_room)
+    prompts = tokenized_prompts(cfg, prompt_rows(cfg, spec.data, "ppo.data"), tokenizer, column=spec.data.column,
+                                max_length=prompt_room, field="ppo.data")
     if spec.eval_prompts >= len(prompts):
         raise ValueError(f"ppo.eval_prompts: {spec.eval_prompts} held-out prompts leave none of {len(prompts)} "
                          "for training")
@@ -331,10 +332,13 @@ def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
     beside the longest response within ``data.max_length``."""
     if cfg.eval.rouge:
         sft_rows(cfg)
-    prompt_rows(cfg, cfg.ppo.data, "ppo.data")
+    rows = prompt_rows(cfg, cfg.ppo.data, "ppo.data")
     if cfg.ppo.generation.max_new_tokens > cfg.data.max_length - 8:
         raise ConfigError(f"ppo.generation.max_new_tokens: {cfg.ppo.generation.max_new_tokens} leaves no room "
                           f"for a prompt within data.max_length={cfg.data.max_length}")
+    if is_chat(cfg):  # every conversation and the template's generation prompt, before Ray starts
+        tokenized_prompts(cfg, rows, tokenizer, column=cfg.ppo.data.column,
+                          max_length=cfg.data.max_length - cfg.ppo.generation.max_new_tokens, field="ppo.data")
 
 
 STAGE = Stage(

@@ -132,6 +132,9 @@ CASES = [
          r"data\.chat_template: file not found: .*absent\.jinja"),
     Case("chat-tokenizer-without-template", S("data.format=chat", "model.tokenizer={data}/tokenizer_no_template"),
          r"data\.chat_template: the tokenizer \(.*tokenizer_no_template\) has no chat template; give one in the YAML"),
+    Case("chat-ppo-prompt-text", S("data.format=chat", "stages=[sft,reward,ppo]", "ppo.data.source={data}/qa.jsonl",
+                                   "ppo.data.column=q"),
+         r"ppo\.data\.column: row 0 is str, not a list of messages$"),
     # --- input adapters
     Case("adapter-no-config", S("adapter.init_from={data}/no_config"),
          r"adapter\.init_from: .*no_config: not an adapter folder \(no adapter_config\.json\)"),

@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from raypeft.pipeline.data import IGNORE_INDEX, DataError
 from raypeft.pipeline.data.chat import ChatTokenizer
-from raypeft.pipeline.data.chat_rows import eval_prompts, tokenize_chat_sft
+from raypeft.pipeline.data.chat_rows import eval_prompts, tokenize_chat_pairs, tokenize_chat_prompts, tokenize_chat_sft
 from raypeft.pipeline.demo import DEMO_CHAT_TEMPLATE, DEMO_SYSTEM_PROMPT, as_conversation
 from raypeft.pipeline.demo.tokenizer import train_tokenizer, with_demo_template
 
@@ -103,3 +103,45 @@ def test_eval_prompts(tok):
                                response_column="response")
     assert refs == [s for _, s in DIALOGUES]
     assert texts[0] == f"<s>{DEMO_SYSTEM_PROMPT}\nUser: {DIALOGUES[0][0]}\nAssistant:"
+
+
+def test_prompts_continue_from_the_generation_prompt(tok):
+    chat = ChatTokenizer(tok)
+    convs = [as_conversation(d, s)["messages"][:2] for d, s in DIALOGUES]
+    out = tokenize_chat_prompts(Dataset.from_list([{"prompt": c} for c in convs]), chat, prompt_column="prompt",
+                                max_length=256, field="ppo.data.column")
+    for c, row in zip(convs, out):
+        assert row["input_ids"] == chat.encode_prompt(c)
+        assert tok.decode(row["input_ids"]).endswith("Assistant:")
+    assert out["prompt_text"] == [d for d, _ in DIALOGUES]
+    short = tokenize_chat_prompts(Dataset.from_list([{"prompt": convs[0]}]), chat, prompt_column="prompt",
+                                  max_length=12, field="ppo.data.column")
+    full = chat.encode_prompt(convs[0])
+    assert short[0]["input_ids"] == [tok.bos_token_id] + full[-11:]  # bos kept, the end (generation prompt) kept
+    with pytest.raises(DataError, match=r"^ppo.data.column: row 0 is str, not a list of messages"):
+        tokenize_chat_prompts(Dataset.from_list([{"prompt": "text"}]), chat, prompt_column="prompt", max_length=64,
+                              field="ppo.data.column")
+
+
+def test_pairs_from_prompt_and_replies_or_whole_conversations(tok):
+    chat = ChatTokenizer(tok)
+    prompt = as_conversation(*DIALOGUES[0])["messages"][:2]
+    good, bad = DIALOGUES[0][1], "The weather was cold."
+    split = Dataset.from_list([{"prompt": prompt, "chosen": good, "rejected": [{"role": "assistant", "content": bad}]}])
+    whole = Dataset.from_list([{"chosen": prompt + [{"role": "assistant", "content": good}],
+                                "rejected": prompt + [{"role": "assistant", "content": bad}]}])
+    a, report = tokenize_chat_pairs(split, chat, prompt_column="prompt", chosen_column="chosen",
+                                    rejected_column="rejected", max_length=256)
+    b, _ = tokenize_chat_pairs(whole, chat, prompt_column=None, chosen_column="chosen", rejected_column="rejected",
+                               max_length=256)
+    assert a[0] == b[0] and report.truncated == 0
+    n = len(chat.encode_prompt(prompt))
+    assert a[0]["chosen_input_ids"][:n] == a[0]["rejected_input_ids"][:n]  # one shared prompt
+    assert tok.decode([t for t in a[0]["rejected_labels"] if t != IGNORE_INDEX], skip_special_tokens=True) == bad
+    cut, report = tokenize_chat_pairs(split, chat, prompt_column="prompt", chosen_column="chosen",
+                                      rejected_column="rejected", max_length=n + 3)
+    assert report.truncated == 1 and len(cut[0]["chosen_input_ids"]) == n + 3
+    no_reply = Dataset.from_list([{"chosen": prompt, "rejected": prompt}])
+    with pytest.raises(DataError, match=r"^reward.data.columns.chosen: row 0 has no assistant turn"):
+        tokenize_chat_pairs(no_reply, chat, prompt_column=None, chosen_column="chosen", rejected_column="rejected",
+                            max_length=256)
