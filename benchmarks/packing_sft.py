@@ -2,14 +2,17 @@
 
 Rows get lengths from a log-normal distribution (median ``--median`` tokens, clipped to
 ``[8, --max-len]``): most rows short, a few long, as in chat data. Each micro-batch of
-``--batch`` rows is trained on twice per round, alternating which goes first: padded to its
-longest row (``SFTCollator``, the unpacked run) and packed into one padding-free row
-(``PackedSFTCollator``: position ids restart per row, block-diagonal attention). A step is
-forward + backward of a LoRA adapter (all linear layers) on a Llama built from a config
-(``perf_common.llama_config``), without an optimiser update, so both layouts always see the same
-weights and their losses can be compared batch by batch. Reported: real (non-padding) tokens per second of each,
-their ratio, the share of padding in the padded batches, and the two losses of the same batches
-(they must agree). Writes ``benchmarks/results/packing_sft_<device>.json`` and ``.md``.
+``--batch`` rows is trained on three ways per round (the order flips every round): padded to
+its longest row (``SFTCollator``, the unpacked run), packed into bins of ``--max-len`` tokens
+(``PackedSFTCollator(max_tokens=max_len)``, what ``data.packing: true`` does with
+``data.max_length``), and packed into one padding-free row (``max_tokens=None``); packed rows
+restart their position ids per conversation and attend block-diagonally. A step is forward +
+backward of a LoRA adapter (all linear layers) on a Llama built from a config
+(``perf_common.llama_config``), without an optimiser update, so every layout always sees the
+same weights and their losses can be compared batch by batch. Reported: real (non-padding)
+tokens per second of each, the ratio to padded, the share of padding computed, and the largest
+loss difference on the same batch (it must be ~0). Writes
+``benchmarks/results/packing_sft_<device>.json`` and ``.md``.
 
     python benchmarks/packing_sft.py                 # CPU, tiny Llama, 12 batches of 16
     python benchmarks/packing_sft.py --device cuda --size 1b --batch 32 --max-len 2048
@@ -64,8 +67,9 @@ def main() -> None:
     model.train()
     rows = long_tailed_rows(args.batch * args.batches, args.median, args.max_len, base.config.vocab_size, args.seed)
     batches = [rows[i:i + args.batch] for i in range(0, len(rows), args.batch)]
-    padded_collate, packed_collate = SFTCollator(pad_token_id=0), PackedSFTCollator()
-    losses: dict[str, list[float]] = {"padded": [], "packed": []}
+    collates = {"padded": SFTCollator(pad_token_id=0), "packed": PackedSFTCollator(max_tokens=args.max_len),
+                "one_row": PackedSFTCollator(max_tokens=None)}
+    losses: dict[str, list[float]] = {name: [] for name in collates}
 
     def step(batch: dict, name: str) -> None:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -75,19 +79,20 @@ def main() -> None:
         losses[name].append(loss.item())
 
     real_tokens = sum(len(r["input_ids"]) for r in rows)
-    padded_tokens = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
-    collated = [(padded_collate(b), packed_collate(b)) for b in batches]
+    collated = {name: [c(b) for b in batches] for name, c in collates.items()}
+    computed = {name: sum(x["input_ids"].numel() for x in xs) for name, xs in collated.items()}
 
     def run(name: str):
         def go() -> None:
-            for padded, packed in collated:
-                step(padded if name == "padded" else packed, name)
+            for batch in collated[name]:
+                step(batch, name)
         return go
 
-    times = alternate({"padded": run("padded"), "packed": run("packed")}, device, repeats=args.repeats, warmup=1)
+    times = alternate({name: run(name) for name in collates}, device, repeats=args.repeats, warmup=1)
     tok_s = {k: real_tokens / statistics.median(v) for k, v in times.items()}
     n = len(batches)
-    loss_gap = max(abs(a - b) for a, b in zip(losses["padded"][:n], losses["packed"][:n]))
+    loss_gap = max(abs(a - b) for name in ("packed", "one_row")
+                   for a, b in zip(losses["padded"][:n], losses[name][:n]))
     lengths = [len(r["input_ids"]) for r in rows]
     report = {
         "meta": {"command": command_line(), **machine_info(device), "size": args.size, "dtype": str(dtype),
@@ -96,10 +101,10 @@ def main() -> None:
         "lengths": {"mean": statistics.mean(lengths), "median": statistics.median(lengths),
                     "p90": sorted(lengths)[int(0.9 * len(lengths))], "max": max(lengths)},
         "real_tokens": real_tokens,
-        "padded_tokens_computed": padded_tokens,
-        "padding_share": 1 - real_tokens / padded_tokens,
+        "tokens_computed": computed,
+        "padding_share": {k: 1 - real_tokens / v for k, v in computed.items()},
         "tokens_per_s": tok_s,
-        "speedup_packed_over_padded": tok_s["packed"] / tok_s["padded"],
+        "speedup_over_padded": {k: tok_s[k] / tok_s["padded"] for k in ("packed", "one_row")},
         "seconds_per_pass": {k: statistics.median(v) for k, v in times.items()},
         "max_loss_gap_same_batch": loss_gap,
     }
@@ -113,14 +118,18 @@ def main() -> None:
           f"transformers={meta['transformers']}; load average at start {tuple(round(x, 1) for x in meta['load_average_at_start'])}",
           "",
           f"Rows: {len(rows)} in batches of {args.batch}; lengths log-normal, median {report['lengths']['median']}, "
-          f"mean {report['lengths']['mean']:.0f}, p90 {report['lengths']['p90']}, max {report['lengths']['max']}; "
-          f"padding is {100 * report['padding_share']:.0f}% of the padded batches' tokens.", "",
-          "| layout | real tokens/s | s per pass over the batches |", "|---|---|---|",
-          f"| padded (SFTCollator) | {tok_s['padded']:.0f} | {report['seconds_per_pass']['padded']:.2f} |",
-          f"| packed (PackedSFTCollator) | {tok_s['packed']:.0f} | {report['seconds_per_pass']['packed']:.2f} |", "",
-          f"Packed / padded: **{report['speedup_packed_over_padded']:.2f}x** tokens/s; largest loss difference on "
-          f"the same batch {loss_gap:.1e}. A step is forward + backward (no optimiser update, so both layouts see "
-          "the same weights); medians of the passes, which alternate which layout goes first."]
+          f"mean {report['lengths']['mean']:.0f}, p90 {report['lengths']['p90']}, max {report['lengths']['max']}.", "",
+          "| layout | real tokens/s | vs padded | padding computed | s per pass |", "|---|---|---|---|---|"]
+    names = {"padded": "padded to each batch's longest row (SFTCollator)",
+             "packed": f"packed, bins of {args.max_len} tokens (data.packing: true)",
+             "one_row": "packed, one row per batch (max_tokens=None)"}
+    for k, label in names.items():
+        ratio = 1.0 if k == "padded" else report["speedup_over_padded"][k]
+        md.append(f"| {label} | {tok_s[k]:.0f} | {ratio:.2f}x | {100 * report['padding_share'][k]:.0f}% | "
+                  f"{report['seconds_per_pass'][k]:.2f} |")
+    md += ["", f"Largest loss difference to the padded batch, same batch: {loss_gap:.1e}. A step is forward + "
+           "backward (no optimiser update, so every layout sees the same weights); medians of the passes, whose "
+           "order flips every round."]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -56,8 +56,9 @@ def train_loop(payload: dict[str, Any]) -> None:
                            init_dir=payload.get("init_adapter"))
     train_rows, held_out = sft_rows(cfg)
     train_set, truncation = tokenized_sft(cfg, train_rows, tokenizer)
-    # Packed: a micro-batch's rows in one row without padding (pipeline/data/packing.py).
-    collate = PackedSFTCollator() if cfg.data.packing else SFTCollator(pad_token_id=tokenizer.pad_token_id)
+    # Packed: a micro-batch's rows side by side in bins of data.max_length tokens (pipeline/data/packing.py).
+    collate = PackedSFTCollator(max_tokens=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id) \
+        if cfg.data.packing else SFTCollator(pad_token_id=tokenizer.pad_token_id)
 
     s = cfg.sft
     micro_per_epoch = len(common.epoch_batches(len(train_set), s.batch_size, worker, cfg.seed, 0))
@@ -96,12 +97,14 @@ def train_loop(payload: dict[str, Any]) -> None:
         for group_start in range(within * s.grad_accum, steps_per_epoch * s.grad_accum, s.grad_accum):
             group = batches[group_start:group_start + s.grad_accum]
             for ids in group:
-                batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
+                rows = [train_set[j] for j in ids]
+                batch = common.to_device(collate(rows), worker.device)
                 loss = (backend.module(**batch, **hooks.inputs(ids)).loss + hooks.loss_extra()) / len(group)
                 nonfinite_loss.check_finite(loss, stage=NAME, step=step + 1)
                 backend.backward(loss)
                 loss_window.append(loss.item() * len(group))
-                throughput.add(count_tokens(batch))
+                # packed bins carry no attention mask to count by: count the rows' own tokens
+                throughput.add(sum(len(r["input_ids"]) for r in rows) if cfg.data.packing else count_tokens(batch))
             hooks.before_step(step)
             backend.step()
             hooks.after_step(step)

@@ -16,7 +16,7 @@ from raypeft.adapters import LoraConfig, get_adapter_model
 from raypeft.pipeline.config import ConfigError
 from raypeft.pipeline.config.loading import parse_config
 from raypeft.pipeline.data import IGNORE_INDEX, SFTCollator, count_tokens
-from raypeft.pipeline.data.packing import PackedSFTCollator, pack_rows
+from raypeft.pipeline.data.packing import PackedSFTCollator, pack_layout, pack_rows
 
 
 def _rows(seed: int = 0) -> list[dict[str, list[int]]]:
@@ -40,31 +40,42 @@ def _model(attn: str) -> torch.nn.Module:
     return model.double()
 
 
-def test_pack_rows_layout():
+@pytest.mark.parametrize("max_tokens", [None, 40, 45, 64])
+def test_pack_rows_layout(max_tokens):
     rows = _rows()
-    packed = pack_rows(rows)
-    total = sum(len(r["input_ids"]) for r in rows)
-    assert packed.pop("use_cache") is False  # else the model makes a cache and ignores the row boundaries
-    assert {k: tuple(v.shape) for k, v in packed.items()} == {k: (1, total) for k in ("input_ids", "labels",
-                                                                                       "position_ids")}
-    assert "attention_mask" not in packed and count_tokens(packed) == total  # no padding counted or computed
-    at = 0
-    for r in rows:
-        n = len(r["input_ids"])
-        assert packed["position_ids"][0, at:at + n].tolist() == list(range(n))
-        assert packed["input_ids"][0, at:at + n].tolist() == r["input_ids"]
-        assert packed["labels"][0, at].item() == IGNORE_INDEX
-        assert packed["labels"][0, at + 1:at + n].tolist() == r["labels"][1:]
-        at += n
+    packed = pack_rows(rows, max_tokens=max_tokens, pad_token_id=0)
+    assert packed.pop("use_cache") is False  # else the model makes a cache and ignores the boundaries
+    bins = pack_layout([len(r["input_ids"]) for r in rows], max_tokens)
+    assert sorted(i for b in bins for i in b) == list(range(len(rows)))  # every row once
+    width = max(sum(len(rows[i]["input_ids"]) for i in b) for b in bins)
+    assert {k: tuple(v.shape) for k, v in packed.items()} == {k: (len(bins), width)
+                                                                for k in ("input_ids", "labels", "position_ids")}
+    if max_tokens is None:
+        assert len(bins) == 1 and "attention_mask" not in packed  # one row, no padding at all
+        assert count_tokens(packed) == sum(len(r["input_ids"]) for r in rows)
+    for b, members in enumerate(bins):
+        used = sum(len(rows[i]["input_ids"]) for i in members)
+        assert max_tokens is None or used <= max_tokens or len(members) == 1
+        at = 0
+        for i in members:
+            r, n = rows[i], len(rows[i]["input_ids"])
+            assert packed["position_ids"][b, at:at + n].tolist() == list(range(n))
+            assert packed["input_ids"][b, at:at + n].tolist() == r["input_ids"]
+            assert packed["labels"][b, at].item() == IGNORE_INDEX
+            assert packed["labels"][b, at + 1:at + n].tolist() == r["labels"][1:]
+            at += n
+        assert packed["labels"][b, at:].eq(IGNORE_INDEX).all()  # the tail padding is never learned
+        assert packed["position_ids"][b, at:].tolist() == list(range(width - at))  # and is its own block
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_equals_padded(attn):
+@pytest.mark.parametrize("max_tokens", [None, 45])
+def test_packed_equals_padded(attn, max_tokens):
     rows = _rows()
     model = _model(attn)
     padded = SFTCollator(pad_token_id=0)(rows)
-    packed = PackedSFTCollator()(rows)
-    assert padded["input_ids"].numel() > packed["input_ids"].numel()  # the padding really is gone
+    packed = PackedSFTCollator(max_tokens=max_tokens)(rows)
+    assert padded["input_ids"].numel() > packed["input_ids"].numel()  # the padding really is gone (most of it)
 
     out_padded = model(**padded)
     out_padded.loss.backward()
@@ -78,11 +89,14 @@ def test_packed_equals_padded(attn):
     assert grads_padded.keys() == grads_packed.keys() and grads_padded
     for name in grads_padded:
         torch.testing.assert_close(grads_packed[name], grads_padded[name], rtol=1e-7, atol=1e-10, msg=name)
-    at = 0
-    for i, r in enumerate(rows):  # each row's logits as if alone: nothing crossed a boundary
-        n = len(r["input_ids"])
-        torch.testing.assert_close(out_packed.logits[0, at:at + n], out_padded.logits[i, :n], rtol=1e-9, atol=1e-9)
-        at += n
+    bins = pack_layout([len(r["input_ids"]) for r in rows], max_tokens)
+    for b, members in enumerate(bins):  # each row's logits as if alone: nothing crossed a boundary
+        at = 0
+        for i in members:
+            n = len(rows[i]["input_ids"])
+            torch.testing.assert_close(out_packed.logits[b, at:at + n], out_padded.logits[i, :n], rtol=1e-9,
+                                       atol=1e-9)
+            at += n
 
 
 def test_float32_loss_within_tolerance():
@@ -91,7 +105,7 @@ def test_float32_loss_within_tolerance():
     model = _model("sdpa").float()
     with torch.no_grad():
         a = model(**SFTCollator(pad_token_id=0)(rows)).loss
-        b = model(**PackedSFTCollator()(rows)).loss
+        b = model(**PackedSFTCollator(max_tokens=45)(rows)).loss
     assert abs(a.item() - b.item()) < 1e-5
 
 
