@@ -153,8 +153,9 @@ def generate_responses(
         with torch.no_grad(), _padding(tokenizer, "right" if is_seq2seq else "left"):
             for start in range(0, len(order), batch_size):
                 ids = order[start:start + batch_size]
+                # the keyword only when it differs from the default: any callable tokenizer works
                 enc = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True,
-                                add_special_tokens=add_special_tokens)
+                                **({} if add_special_tokens else {"add_special_tokens": False}))
                 enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
                 kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id)
                 if eos:
