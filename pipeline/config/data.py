@@ -45,7 +45,7 @@ class DataSpec(StrictModel):
     # Conversations (pipeline/data/chat.py). ``format: chat`` reads every stage's rows as message lists
     # rendered through ``chat_template`` (inline Jinja or a file; null: the tokenizer's own template);
     # ``train_on``: loss on every assistant turn (all) or on the last one (last); ``packing``: SFT puts a
-    # micro-batch's conversations in one row, no padding, no attention across them.
+    # micro-batch's rows side by side in bins of max_length tokens, no attention across them.
     format: Literal["text", "chat"] = "text"
     chat_template: str | None = None
     train_on: Literal["all", "last"] = "all"
