@@ -153,10 +153,12 @@ class ChatTokenizer:
     def ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _reply_start(self, before: str, after: str, full_text: str, content: str, i: int, row: int) -> None:
-        """Check that the rendering of a prefix is a prefix of the whole, and that the text between
-        the generation prompt and the reply holds no header (else the template's generation prompt
-        misses the assistant header, which would then be learned and never prompted for)."""
+    def _reply_start(self, messages: list[Message], before: str, after: str, full_text: str, content: str, i: int,
+                     row: int) -> None:
+        """Check that the rendering of a prefix is a prefix of the whole, and that a template
+        whose generation prompt adds nothing does not write a header before the reply (it would
+        then be learned and never prompted for). Text a template writes after a generation prompt
+        that does add a header (Qwen3's empty ``<think></think>``) is the model's to write: allowed."""
         for part in (before, after):
             if not full_text.startswith(part):
                 raise DataError(f"data.chat_template: {self.field} row {row}: the template renders the first {i} "
@@ -164,7 +166,7 @@ class ChatTokenizer:
                                 "found (set data.train_on: last, or use a template that renders prefixes as prefixes)")
         rest = after[len(before):]
         at = rest.find(content.strip()) if content.strip() else -1
-        if at > 0 and rest[:at].strip():
+        if at > 0 and rest[:at].strip() and before == self.render(messages[:i], row=row):
             raise DataError(f"data.chat_template: the template has no generation prompt for an assistant turn "
                             f"({self.field} row {row}: {rest[:at].strip()!r} comes after the "
                             "add_generation_prompt=True rendering and before the reply); add an "
@@ -181,7 +183,7 @@ class ChatTokenizer:
         if not self._probed:
             probe = messages + [{"role": "assistant", "content": _PROBE}]
             whole = self.render(probe, row=row)
-            self._reply_start(text, whole, whole, _PROBE, len(messages), row)
+            self._reply_start(messages, text, whole, whole, _PROBE, len(messages), row)
             self._probed = True
         return text
 
@@ -207,7 +209,7 @@ class ChatTokenizer:
                                 "with a system or user turn")
             before = self.render(messages[:i], add_generation_prompt=True, row=row)
             after = full_text if i == len(messages) - 1 else self.render(messages[:i + 1], row=row)
-            self._reply_start(before, after, full_text, messages[i]["content"], i, row)
+            self._reply_start(messages, before, after, full_text, messages[i]["content"], i, row)
             start = _lcp(self.ids(before), full)
             after_ids = full if after is full_text else self.ids(after)
             end = _lcp(after_ids, full)

@@ -178,6 +178,20 @@ def test_tokenizer_merging_across_the_turn_boundary():
     assert [t != IGNORE_INDEX for t in labels] == expected
 
 
+QWEN3_THINK = (  # an empty think block before the last reply only, after the generation prompt
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}"
+    "<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_text_a_template_adds_after_the_generation_prompt_is_learned(byte_level):
+    tok = byte_level["chatml"]
+    ids, labels = ChatTokenizer(tok, QWEN3_THINK).encode(CONVERSATIONS[1], train_on="last")
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == \
+        "<think>\n\n</think>\n\nYellow is a third colour.<|im_end|>\n"
+
+
 def test_template_that_moves_the_system_prompt(byte_level):
     tok = byte_level["mistral"]
     chat = ChatTokenizer(tok, MISTRAL_V3)
