@@ -185,3 +185,27 @@ def tokenize_chat_pairs(
     out = map_rows(ds, fn, chat.tokenizer, "tokenize chat pairs", prompt_column, chosen_column, rejected_column,
                    chat.template, max_length, truncation)
     return out, TruncationReport(rows=len(ds), truncated=truncated[0])
+
+
+def split_sft_rows(ds: Dataset, *, messages_column: str | None, prompt_column: str, response_column: str) -> Dataset:
+    """SFT conversations as prompt rows for the policy stages: ``prompt_column`` the conversation
+    before its last assistant turn, ``response_column`` that turn's text (a reference a reward
+    function can read); other columns are kept. GRPO's ``data.source: sft`` reads these."""
+    columns = [messages_column] if messages_column is not None else [prompt_column, response_column]
+    require_columns(ds, columns)
+
+    def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        prompts, replies = [], []
+        for k, idx in enumerate(indices):
+            messages = sft_conversation({c: batch[c][k] for c in columns}, idx, messages_column=messages_column,
+                                        prompt_column=prompt_column, response_column=response_column)
+            prompt, reply = split_last_reply(messages, field="data.columns", row=idx)
+            prompts.append(prompt)
+            replies.append(reply)
+        return {prompt_column: prompts, response_column: replies}
+
+    dropped = [messages_column] if messages_column is not None and messages_column not in (prompt_column,
+                                                                                            response_column) else []
+    return ds.map(fn, batched=True, with_indices=True, remove_columns=dropped, keep_in_memory=True,
+                  load_from_cache_file=False, desc="split sft conversations",
+                  new_fingerprint=f"{ds._fingerprint}-split-{messages_column}-{prompt_column}-{response_column}")

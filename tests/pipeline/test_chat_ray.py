@@ -3,7 +3,8 @@ on the demo's rows in chat form (``data.format: chat``), through Ray Train, MLfl
 
 One workflow, tiny step counts, one worker: the plumbing of each stage on conversations (rows
 rendered through the demo's chat template, the SFT loss packed, held-out ROUGE through the
-generation prompt, pairs scored on their last reply, rollouts continuing the generation prompt),
+generation prompt, pairs scored on their last reply, rollouts continuing the generation prompt,
+GRPO's prompts split off the SFT conversations with their last reply as a reward function's reference),
 not learning; the quickstart-chat figures are in the README.
 """
 
@@ -30,6 +31,10 @@ TINY = [
     "ppo.eval_prompts=4", "ppo.data.max_rows=12",
     "grpo.max_steps=1", "grpo.num_generations=2", "grpo.prompts_per_step=2", "grpo.generation.max_new_tokens=6",
     "grpo.eval_prompts=4", "grpo.data.max_rows=12",
+    # GRPO from the SFT conversations (prompt before the last reply; the reply as the reference), scored by
+    # the reward model and a reward function reading that reference
+    "grpo.data.source=sft", "grpo.data.column=dialogue",
+    "grpo.rewards=[{function: rouge_l, weight: 1.0, kwargs: {reference_column: summary}}]",
 ]
 
 
@@ -57,7 +62,7 @@ def test_every_stage_runs_on_conversations(tmp_path: Path) -> None:
                 "reward": ("train_loss", "eval_accuracy_before", "eval_accuracy_after"),
                 "dpo": ("train_loss", "eval_accuracy_after"),
                 "ppo": ("eval_reward_before", "eval_reward_after", "eval_kl_after", "rougeL_after"),
-                "grpo": ("eval_reward_before", "eval_reward_after", "rougeL_after")}
+                "grpo": ("eval_reward_before", "eval_reward_after", "rougeL_after", "reward/rouge_l/mean")}
     for stage, keys in expected.items():
         for key in keys:
             assert key in metrics[stage] and math.isfinite(metrics[stage][key]), (stage, key)

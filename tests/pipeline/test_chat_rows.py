@@ -11,7 +11,8 @@ from datasets import Dataset
 
 from raypeft.pipeline.data import IGNORE_INDEX, DataError
 from raypeft.pipeline.data.chat import ChatTokenizer
-from raypeft.pipeline.data.chat_rows import eval_prompts, tokenize_chat_pairs, tokenize_chat_prompts, tokenize_chat_sft
+from raypeft.pipeline.data.chat_rows import (eval_prompts, split_sft_rows, tokenize_chat_pairs, tokenize_chat_prompts,
+                                             tokenize_chat_sft)
 from raypeft.pipeline.demo import DEMO_CHAT_TEMPLATE, DEMO_SYSTEM_PROMPT, as_conversation
 from raypeft.pipeline.demo.tokenizer import train_tokenizer, with_demo_template
 
@@ -145,3 +146,12 @@ def test_pairs_from_prompt_and_replies_or_whole_conversations(tok):
     with pytest.raises(DataError, match=r"^reward.data.columns.chosen: row 0 has no assistant turn"):
         tokenize_chat_pairs(no_reply, chat, prompt_column=None, chosen_column="chosen", rejected_column="rejected",
                             max_length=256)
+
+
+def test_sft_conversations_as_prompt_rows(tok):
+    convs = [as_conversation(d, s)["messages"] for d, s in DIALOGUES]
+    ds = Dataset.from_list([{"messages": c, "extra": i} for i, c in enumerate(convs)])
+    rows = split_sft_rows(ds, messages_column="messages", prompt_column="dialogue", response_column="summary")
+    assert sorted(rows.column_names) == ["dialogue", "extra", "summary"]
+    assert rows["summary"] == [s for _, s in DIALOGUES] and rows["extra"] == [0, 1, 2]
+    assert rows[0]["dialogue"] == convs[0][:-1]
