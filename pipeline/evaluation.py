@@ -111,6 +111,7 @@ def generate_responses(
     row_inputs: dict[str, torch.Tensor] | None = None,
     engine: Any = None,
     adapter: str | None = None,
+    add_special_tokens: bool = True,
     **generate_kwargs: Any,
 ) -> list[str]:
     """The model's response to each prompt, in order: only the new text, cut at eos, stripped.
@@ -128,6 +129,9 @@ def generate_responses(
 
     ``engine``: a causal LM's generation goes through this ``pipeline.rollout_engine.RolloutEngine``
     (its batch size, folded adapter ``adapter``, cache and buckets) instead of a plain ``generate``.
+
+    ``add_special_tokens=False`` for prompts that already carry them (a rendered chat template
+    writes its own bos).
     """
     if batch_size <= 0:
         raise ValueError(f"generate_responses: batch_size must be positive, got {batch_size}")
@@ -149,7 +153,9 @@ def generate_responses(
         with torch.no_grad(), _padding(tokenizer, "right" if is_seq2seq else "left"):
             for start in range(0, len(order), batch_size):
                 ids = order[start:start + batch_size]
-                enc = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True)
+                # the keyword only when it differs from the default: any callable tokenizer works
+                enc = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True,
+                                **({} if add_special_tokens else {"add_special_tokens": False}))
                 enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
                 kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id)
                 if eos:

@@ -68,7 +68,7 @@ def sample_groups(roles: Roles, policy: str, prompt_set: Any, rows: Any, ids: Se
     batch = {k: v.to(device) for k, v in collate([prompt_set[j] for j in expanded]).items()}
     ro = rollout.sample(roles, policy, batch, generation, tokenizer, generate_kwargs, engine)
     picked = rows[expanded]  # {column: [P * G values]}
-    prompts = [str(p) for p in picked.pop(prompt_column)]
+    prompts = [p if isinstance(p, list) else str(p) for p in picked.pop(prompt_column)]  # chat: the messages
     return GroupRollout(ro, num_generations, expanded, prompts, picked, decode_completions(ro, tokenizer))
 
 

@@ -17,7 +17,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
 from raypeft.adapters import AdapterConfig, AdapterModel, get_adapter_model
 from raypeft.pipeline.config import AdapterSpec, ConfigError, ModelSpec
 from raypeft.adapters.quantization import prepare_model_for_kbit_training
-from raypeft.pipeline.demo import ensure_demo_assets
+from raypeft.pipeline.demo import ensure_demo_assets, with_demo_template
 
 DEMO_MODEL = "demo"
 
@@ -45,6 +45,8 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
         if tok.eos_token_id is None:
             raise ConfigError(f"model.tokenizer: {path} has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
+    if spec.name_or_path == DEMO_MODEL and spec.tokenizer is None:
+        tok = with_demo_template(tok)
     return tok
 
 

@@ -48,13 +48,13 @@ def warn_stderr(message: str) -> None:
 # ------------------------------------------------------------------------------ row lengths
 
 def report_truncation(field: str, truncated: int, rows: int, max_length: int, warn: Warn,
-                      responses_cut: int = 0) -> None:
-    """Warn that ``truncated`` of the ``rows`` of ``field`` (e.g. ``data.source``) were cut: their
-    prompts from the left, and, for the ``responses_cut`` whose response alone leaves no room,
-    the response at its end too (the warning says which, so a cut response is not a surprise)."""
+                      responses_cut: int = 0, cut: str = "their prompts are cut from the left") -> None:
+    """Warn that ``truncated`` of the ``rows`` of ``field`` (e.g. ``data.source``) were cut
+    (``cut``: how), and, for the ``responses_cut`` whose response alone leaves no room, that the
+    response is cut at its end too (the warning says which, so a cut response is not a surprise)."""
     if not truncated:
         return
-    what = "their prompts are cut from the left"
+    what = cut
     if responses_cut:
         what += (f", and in {responses_cut} of them the response itself is longer than the room left and is "
                  "cut at its end")

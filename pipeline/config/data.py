@@ -15,6 +15,9 @@ FileFormat = Literal["json", "jsonl", "parquet", "csv"]
 class Columns(StrictModel):
     prompt: str = "prompt"
     response: str = "response"
+    # data.format: chat only: a column of whole conversations (lists of {role, content}); when the
+    # rows have no such column, prompt and response are read as message lists instead.
+    messages: str = "messages"
     # Multitask prompt tuning only: the integer column holding each row's task id.
     task_id: str | None = None
 
@@ -39,6 +42,14 @@ class DataSpec(StrictModel):
     max_length: int = Field(default=256, gt=8)
     truncation: Literal["left-prompt", "error"] = "left-prompt"
     max_train_rows: int | None = Field(default=None, gt=0)
+    # Conversations (pipeline/data/chat.py). ``format: chat`` reads every stage's rows as message lists
+    # rendered through ``chat_template`` (inline Jinja or a file; null: the tokenizer's own template);
+    # ``train_on``: loss on every assistant turn (all) or on the last one (last); ``packing``: SFT puts a
+    # micro-batch's rows side by side in bins of max_length tokens, no attention across them.
+    format: Literal["text", "chat"] = "text"
+    chat_template: str | None = None
+    train_on: Literal["all", "last"] = "all"
+    packing: bool = False
 
     @field_validator("prompt_template")
     @classmethod

@@ -35,6 +35,12 @@ def check_adapter_setup(cfg: RunConfig) -> str | None:
         if others:
             return (f"adapter.method: multitask_prompt needs task ids in every batch, which only the "
                     f"{'/'.join(TASK_ID_STAGES)} stage feeds; stages {others} cannot use it")
+    if cfg.data.packing:
+        if cfg.model.task_type != "CAUSAL_LM":
+            return f"data.packing: needs a causal LM (model.task_type: CAUSAL_LM), got {cfg.model.task_type}"
+        if hasattr(adapter, "num_virtual_tokens") or adapter.method in ("adaption_prompt", "llama_adapter"):
+            return (f"data.packing: needs a weight-space adapter method (lora, ia3, loha, ...); method "
+                    f"'{adapter.method}' adds virtual tokens, which would span the packed conversations")
     if isinstance(adapter, AdaLoraSpec) and getattr(cfg, "deepspeed", None) is not None:
         return ("deepspeed: adapter.method adalora allocates ranks from the gradients between backward and the "
                 "optimiser step, which the DeepSpeed engine does not expose; use deepspeed: null")

@@ -351,6 +351,22 @@ class Corpus:
                 "prompts": self.prompts}
 
 
+DEMO_SYSTEM_PROMPT = "Summarize the chat in one sentence."
+
+
+def as_conversation(dialogue: str, summary: str) -> dict[str, list[dict[str, str]]]:
+    """An SFT row as a conversation row ``{"messages": [system, user, assistant]}``: the demo's
+    conversational form (``data.format: chat``), made from the same rows as the text form."""
+    return {"messages": [{"role": "system", "content": DEMO_SYSTEM_PROMPT},
+                         {"role": "user", "content": dialogue},
+                         {"role": "assistant", "content": summary}]}
+
+
+def as_prompt_conversation(dialogue: str) -> list[dict[str, str]]:
+    """A demo prompt (a dialogue) as the conversation a reply continues: ``[system, user]``."""
+    return as_conversation(dialogue, "")["messages"][:2]
+
+
 def generate_corpus(settings: DemoSettings) -> Corpus:
     """All splits, deterministic from ``settings.seed``; no dialogue appears in two rows."""
     rng = random.Random(f"raypeft-demo-{settings.seed}")

@@ -12,7 +12,8 @@ and the leading one), so ``decode(encode(text)) == text`` for any text that neit
 a space nor has a space right after a newline (those lose that one space).
 
 ``add_special_tokens=True`` prepends ``<s>`` only (Llama layout); ``</s>`` ends training
-examples and stops generation; ``<pad>`` pads on the right by default.
+examples and stops generation; ``<pad>`` pads on the right by default. Its chat template
+(:data:`DEMO_CHAT_TEMPLATE`) renders conversations as "User:" / "Assistant:" lines.
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0, 1, 2, 3
+
+# The demo's chat template: bos, the system text on its own line, then "User: ..." and
+# "Assistant: ..." lines; an assistant turn ends with eos. The newline goes *before* a turn's
+# header, so an assistant turn is exactly " reply</s>" in tokens (what the loss is on) and
+# generation stops at eos as in the text format. Written into new builds; ``with_demo_template``
+# gives it to tokenizers of builds made before it existed.
+DEMO_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}"
+    "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %}{{ '\\n' }}{% endif %}Assistant:{% endif %}"
+)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -44,11 +58,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, bos_id)],
     )
-    return PreTrainedTokenizerFast(
+    wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         padding_side="right", truncation_side="left", model_max_length=512,
         clean_up_tokenization_spaces=False,
     )
+    wrapped.chat_template = DEMO_CHAT_TEMPLATE
+    return wrapped
+
+
+def with_demo_template(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The demo tokenizer with :data:`DEMO_CHAT_TEMPLATE` when its build predates it (the cache
+    key does not change with the template, so older builds are reused as they are)."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+    return tokenizer
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> None:

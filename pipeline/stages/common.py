@@ -29,6 +29,8 @@ from raypeft.pipeline import engine
 from raypeft.pipeline.adapter_hooks import row_task_ids
 from raypeft.pipeline.backends import Backend, build_backend, pad_for_lockstep, report_checkpoint
 from raypeft.pipeline.config import ConfigError, RunConfig
+from raypeft.pipeline.conversations import chat_tokenizer, is_chat, messages_column
+from raypeft.pipeline.data.chat_rows import eval_prompts as chat_eval_prompts
 from raypeft.pipeline.evaluation import generate_responses, rouge_scores
 from raypeft.pipeline.resources import Throughput, worker_memory
 from raypeft.pipeline.roles import Roles
@@ -81,13 +83,26 @@ def eval_shard(n_rows: int, worker: engine.Worker, batch_size: int, backend: Bac
     return pad_for_lockstep(mine, batch_size, backend is not None and backend.lockstep, None)
 
 
+def eval_prompts(cfg: RunConfig, tokenizer: Any, rows: Any) -> tuple[list[str], list[str], bool]:
+    """``(prompt texts, references, add_special_tokens)`` of held-out SFT rows: the prompt template
+    applied to the prompt column, or (``data.format: chat``) the conversation before its last
+    assistant turn through the chat template's generation prompt, which writes its own specials."""
+    if is_chat(cfg):
+        texts, references = chat_eval_prompts(rows, chat_tokenizer(cfg, tokenizer),
+                                              messages_column=messages_column(cfg, rows),
+                                              prompt_column=cfg.data.columns.prompt,
+                                              response_column=cfg.data.columns.response)
+        return texts, references, False
+    prompts = [cfg.data.prompt_template.format(prompt=p) for p in rows[cfg.data.columns.prompt]]
+    return prompts, list(rows[cfg.data.columns.response]), True
+
+
 def held_out_rouge(model, tokenizer, rows, cfg: RunConfig, worker: engine.Worker,
                    backend: Backend | None = None, rollout_engine: Any = None,
                    adapter: str | None = None) -> dict[str, float]:
     """ROUGE of greedy generations on the held-out SFT rows; each worker generates its shard
     (through ``rollout_engine`` with adapter ``adapter`` active, when given: the policy stages)."""
-    prompts = [cfg.data.prompt_template.format(prompt=p) for p in rows[cfg.data.columns.prompt]]
-    references = list(rows[cfg.data.columns.response])
+    prompts, references, specials = eval_prompts(cfg, tokenizer, rows)
     shard = eval_shard(len(prompts), worker, cfg.eval.batch_size, backend)
     task_ids = row_task_ids(model, cfg, rows)  # multitask prompt tuning: each row's task
     outputs = generate_responses(
@@ -95,7 +110,7 @@ def held_out_rouge(model, tokenizer, rows, cfg: RunConfig, worker: engine.Worker
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
         is_seq2seq=cfg.model.task_type == "SEQ_2_SEQ_LM", device=worker.device,
         row_inputs=None if task_ids is None else {"task_ids": torch.tensor([task_ids[i or 0] for i in shard])},
-        engine=rollout_engine, adapter=adapter,
+        engine=rollout_engine, adapter=adapter, add_special_tokens=specials,
         **(backend.generate_kwargs() if backend is not None else {}),
     )
     mine = [i for i in shard if i is not None]

@@ -50,7 +50,9 @@ from raypeft.pipeline import engine, group_rollout, nonfinite_loss, rollout, tra
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import ConfigError, GRPOSpec, RunConfig
 from raypeft.pipeline.config.grpo import REWARD_MODEL_LABEL, SFT_ROWS_SOURCE
-from raypeft.pipeline.data import DataError, PromptCollator, tokenize_prompts
+from raypeft.pipeline.conversations import is_chat, messages_column, tokenized_prompts
+from raypeft.pipeline.data import DataError, PromptCollator
+from raypeft.pipeline.data.chat_rows import split_sft_rows
 from raypeft.pipeline.group_rollout import GroupRollout
 from raypeft.pipeline.inputs import prompt_rows, sft_rows
 from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
@@ -86,12 +88,17 @@ def build_roles(cfg: RunConfig, base: torch.nn.Module, inputs: dict[str, str | N
 
 def group_rows(cfg: RunConfig):
     """The prompt rows (every column kept): ``grpo.data.source`` ``sft`` reads the ``data`` block's
-    train rows, anything else is a prompt source like PPO's."""
+    train rows (conversations become the prompt before their last reply, under
+    ``data.columns.prompt``, and that reply, under ``data.columns.response``), anything else is a
+    prompt source like PPO's."""
     spec = cfg.grpo.data
     if spec.source != SFT_ROWS_SOURCE:
         rows = prompt_rows(cfg, spec, "grpo.data")
     else:
         rows = sft_rows(cfg)[0]
+        if is_chat(cfg):  # conversations -> the prompt before the last reply, and that reply as the reference
+            rows = split_sft_rows(rows, messages_column=messages_column(cfg, rows), prompt_column=cfg.data.columns.prompt,
+                                  response_column=cfg.data.columns.response)
         if spec.column not in rows.column_names:
             raise DataError(f"grpo.data.column: column '{spec.column}' not found in the data block's rows "
                             f"(grpo.data.source: sft); present: {', '.join(rows.column_names)}")
@@ -322,8 +329,8 @@ def train_loop(payload: dict[str, Any]) -> None:
         raise ValueError(f"grpo.generation.max_new_tokens: {spec.generation.max_new_tokens} leaves "
                          f"{prompt_room} of data.max_length={cfg.data.max_length} for the prompt")
     rows = group_rows(cfg)
-    prompt_set = tokenize_prompts(rows, tokenizer, prompt_column=spec.data.column,
-                                  prompt_template=cfg.data.prompt_template, max_length=prompt_room)
+    prompt_set = tokenized_prompts(cfg, rows, tokenizer, column=spec.data.column, max_length=prompt_room,
+                                   field="grpo.data")
     n_train = len(rows) - spec.eval_prompts
     if n_train <= 0:
         raise ValueError(f"grpo.eval_prompts: {spec.eval_prompts} held-out prompts leave none of {len(rows)} "
@@ -430,6 +437,9 @@ def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
     if cfg.eval.rouge:
         sft_rows(cfg)
     rows = group_rows(cfg)
+    if is_chat(cfg):  # every conversation and the template's generation prompt, before Ray starts
+        tokenized_prompts(cfg, rows, tokenizer, column=spec.data.column,
+                          max_length=cfg.data.max_length - spec.generation.max_new_tokens, field="grpo.data")
     columns = [c for c in rows.column_names if c != spec.data.column]
     for i, fn in enumerate(load_reward_functions(spec.rewards, "grpo.rewards") if spec.rewards else []):
         missing = sorted(fn.required - set(CALL_KEYWORDS) - set(columns))

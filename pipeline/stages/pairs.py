@@ -15,7 +15,9 @@ from typing import Any
 from raypeft.pipeline import engine
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import PairColumns, RunConfig
+from raypeft.pipeline.conversations import chat_tokenizer, is_chat
 from raypeft.pipeline.data import PairCollator, tokenize_pairs
+from raypeft.pipeline.data.chat_rows import tokenize_chat_pairs
 from raypeft.pipeline.inputs import pair_rows
 from raypeft.pipeline.preflight_checks import Warn, report_truncation
 from raypeft.pipeline.roles import Roles
@@ -23,8 +25,15 @@ from raypeft.pipeline.stages import common
 from raypeft.pipeline.stages.definition import BatchShape
 
 
-def tokenized_pairs(cfg: RunConfig, rows, tokenizer, columns: PairColumns):
-    """Pairs formatted like SFT rows: ``data.prompt_template``, ``data.max_length``, eos appended."""
+def tokenized_pairs(cfg: RunConfig, rows, tokenizer, columns: PairColumns, field: str = "reward.data"):
+    """Pairs formatted like SFT rows: ``data.prompt_template``, ``data.max_length``, eos appended;
+    or (``data.format: chat``) through the chat template, the loss mask on each side's last reply."""
+    if is_chat(cfg):
+        prompt = columns.prompt if columns.prompt in rows.column_names else None
+        return tokenize_chat_pairs(rows, chat_tokenizer(cfg, tokenizer, f"{field}.columns"), prompt_column=prompt,
+                                   chosen_column=columns.chosen, rejected_column=columns.rejected,
+                                   max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+                                   field=f"{field}.columns")
     return tokenize_pairs(rows, tokenizer, prompt_column=columns.prompt, chosen_column=columns.chosen,
                           rejected_column=columns.rejected, prompt_template=cfg.data.prompt_template,
                           max_length=cfg.data.max_length, truncation=cfg.data.truncation)
@@ -40,7 +49,7 @@ def check_pair_data(cfg: RunConfig, stage: str, spec: Any, tokenizer: Any, warn:
     refused (``data.truncation: error``) or counted in a warning."""
     field = f"{stage}.data"
     train, _ = pair_rows(cfg, spec.data, field)
-    rows, report = tokenized_pairs(cfg, train, tokenizer, spec.data.columns)
+    rows, report = tokenized_pairs(cfg, train, tokenizer, spec.data.columns, field)
     report_truncation(f"{field}.source", report.truncated, report.rows, cfg.data.max_length, warn,
                       report.responses_cut)
     common.require_batches(len(rows), spec.batch_size, cfg.scaling.num_workers, field=f"{stage}.batch_size",
@@ -64,8 +73,8 @@ def prepare(cfg: RunConfig, stage: str, spec: Any, roles: Roles, tokenizer, work
     """Tokenized train/held-out pairs, the step budget, the Backend, and the state to start from
     (step 0, or the latest checkpoint's when Ray Train restarted the run)."""
     train_rows, held_out = pair_rows(cfg, spec.data, f"{stage}.data")
-    train_set, truncation = tokenized_pairs(cfg, train_rows, tokenizer, spec.data.columns)
-    eval_set, _ = tokenized_pairs(cfg, held_out, tokenizer, spec.data.columns)
+    train_set, truncation = tokenized_pairs(cfg, train_rows, tokenizer, spec.data.columns, f"{stage}.data")
+    eval_set, _ = tokenized_pairs(cfg, held_out, tokenizer, spec.data.columns, f"{stage}.data")
     steps_per_epoch, total = common.total_steps(len(train_set), spec.batch_size, worker, epochs=spec.epochs,
                                                 max_steps=spec.max_steps, batch_field=f"{stage}.batch_size")
     n_train = common.count_parameters(roles.trainable_parameters())

@@ -53,7 +53,8 @@ import torch
 from raypeft.pipeline import engine, nonfinite_loss, rollout, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import ConfigError, PPOSpec, RunConfig
-from raypeft.pipeline.data import PromptCollator, tokenize_prompts
+from raypeft.pipeline.conversations import is_chat, tokenized_prompts
+from raypeft.pipeline.data import PromptCollator
 from raypeft.pipeline.inputs import prompt_rows, sft_rows
 from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
 from raypeft.pipeline.preflight_checks import Warn
@@ -247,8 +248,8 @@ def train_loop(payload: dict[str, Any]) -> None:
     if prompt_room < 8:
         raise ValueError(f"ppo.generation.max_new_tokens: {spec.generation.max_new_tokens} leaves "
                          f"{prompt_room} of data.max_length={cfg.data.max_length} for the prompt")
-    prompts = tokenize_prompts(prompt_rows(cfg, spec.data, "ppo.data"), tokenizer, prompt_column=spec.data.column,
-                               prompt_template=cfg.data.prompt_template, max_length=prompt_room)
+    prompts = tokenized_prompts(cfg, prompt_rows(cfg, spec.data, "ppo.data"), tokenizer, column=spec.data.column,
+                                max_length=prompt_room, field="ppo.data")
     if spec.eval_prompts >= len(prompts):
         raise ValueError(f"ppo.eval_prompts: {spec.eval_prompts} held-out prompts leave none of {len(prompts)} "
                          "for training")
@@ -358,7 +359,8 @@ def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
     ones and one rollout batch on every worker."""
     if cfg.eval.rouge:
         sft_rows(cfg)
-    n_rows = len(prompt_rows(cfg, cfg.ppo.data, "ppo.data"))
+    rows = prompt_rows(cfg, cfg.ppo.data, "ppo.data")
+    n_rows = len(rows)
     if cfg.ppo.generation.max_new_tokens > cfg.data.max_length - 8:
         raise ConfigError(f"ppo.generation.max_new_tokens: {cfg.ppo.generation.max_new_tokens} leaves no room "
                           f"for a prompt within data.max_length={cfg.data.max_length}")
@@ -368,6 +370,9 @@ def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
     common.require_batches(n_rows - cfg.ppo.eval_prompts, cfg.ppo.rollout_batch_size, cfg.scaling.num_workers,
                            field="ppo.rollout_batch_size",
                            rows=f"ppo.data.source ({n_rows} rows less ppo.eval_prompts={cfg.ppo.eval_prompts})")
+    if is_chat(cfg):  # every conversation and the template's generation prompt, before Ray starts
+        tokenized_prompts(cfg, rows, tokenizer, column=cfg.ppo.data.column,
+                          max_length=cfg.data.max_length - cfg.ppo.generation.max_new_tokens, field="ppo.data")
 
 
 STAGE = Stage(

@@ -17,7 +17,10 @@ from typing import Any
 from raypeft.pipeline import engine, nonfinite_loss, tracking
 from raypeft.pipeline.adapter_hooks import adapter_hooks
 from raypeft.pipeline.config import RunConfig, SFTSpec
+from raypeft.pipeline.conversations import chat_tokenizer, is_chat, messages_column
 from raypeft.pipeline.data import SFTCollator, count_tokens, tokenize_sft
+from raypeft.pipeline.data.chat_rows import tokenize_chat_sft
+from raypeft.pipeline.data.packing import PackedSFTCollator
 from raypeft.pipeline.inputs import sft_rows
 from raypeft.pipeline.modeling import attach_adapter, load_base_model, load_tokenizer
 from raypeft.pipeline.preflight_checks import Warn, report_truncation
@@ -31,6 +34,11 @@ NAME = "sft"
 def tokenized_sft(cfg: RunConfig, rows: Any, tokenizer: Any):
     """``(tokenized rows, truncation report)`` of SFT rows, with the ``data`` block's settings:
     the same on the driver (row-length check) as in the workers."""
+    if is_chat(cfg):
+        return tokenize_chat_sft(rows, chat_tokenizer(cfg, tokenizer), messages_column=messages_column(cfg, rows),
+                                 prompt_column=cfg.data.columns.prompt, response_column=cfg.data.columns.response,
+                                 max_length=cfg.data.max_length, train_on=cfg.data.train_on,
+                                 truncation=cfg.data.truncation)
     return tokenize_sft(rows, tokenizer, prompt_column=cfg.data.columns.prompt,
                         response_column=cfg.data.columns.response, prompt_template=cfg.data.prompt_template,
                         max_length=cfg.data.max_length, is_seq2seq=cfg.model.task_type == "SEQ_2_SEQ_LM",
@@ -48,7 +56,9 @@ def train_loop(payload: dict[str, Any]) -> None:
                            init_dir=payload.get("init_adapter"))
     train_rows, held_out = sft_rows(cfg)
     train_set, truncation = tokenized_sft(cfg, train_rows, tokenizer)
-    collate = SFTCollator(pad_token_id=tokenizer.pad_token_id)
+    # Packed: a micro-batch's rows side by side in bins of data.max_length tokens (pipeline/data/packing.py).
+    collate = PackedSFTCollator(max_tokens=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id) \
+        if cfg.data.packing else SFTCollator(pad_token_id=tokenizer.pad_token_id)
 
     s = cfg.sft
     micro_per_epoch = len(common.epoch_batches(len(train_set), s.batch_size, worker, cfg.seed, 0))
@@ -87,12 +97,14 @@ def train_loop(payload: dict[str, Any]) -> None:
         for group_start in range(within * s.grad_accum, steps_per_epoch * s.grad_accum, s.grad_accum):
             group = batches[group_start:group_start + s.grad_accum]
             for ids in group:
-                batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
+                rows = [train_set[j] for j in ids]
+                batch = common.to_device(collate(rows), worker.device)
                 loss = (backend.module(**batch, **hooks.inputs(ids)).loss + hooks.loss_extra()) / len(group)
                 nonfinite_loss.check_finite(loss, stage=NAME, step=step + 1)
                 backend.backward(loss)
                 loss_window.append(loss.item() * len(group))
-                throughput.add(count_tokens(batch))
+                # packed bins carry no attention mask to count by: count the rows' own tokens
+                throughput.add(sum(len(r["input_ids"]) for r in rows) if cfg.data.packing else count_tokens(batch))
             hooks.before_step(step)
             backend.step()
             hooks.after_step(step)
@@ -134,12 +146,15 @@ def batch_shape(cfg: RunConfig) -> BatchShape:
 def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
     """The SFT rows and their columns; rows over ``data.max_length`` refused (``data.truncation:
     error``) or counted in a warning."""
-    train, _ = sft_rows(cfg)
+    train, held_out = sft_rows(cfg)
     rows, report = tokenized_sft(cfg, train, tokenizer)
-    report_truncation("data.source", report.truncated, report.rows, cfg.data.max_length, warn, report.responses_cut)
+    report_truncation("data.source", report.truncated, report.rows, cfg.data.max_length, warn, report.responses_cut,
+                      **({"cut": "conversations keep their first max_length tokens"} if is_chat(cfg) else {}))
     common.require_batches(len(rows), cfg.sft.batch_size, cfg.scaling.num_workers, field="sft.batch_size",
                            rows="data.source (after the held-out rows)", need=cfg.sft.grad_accum,
                            need_why=f"sft.grad_accum={cfg.sft.grad_accum}")
+    if is_chat(cfg) and cfg.eval.rouge:  # the held-out conversations are rendered for ROUGE in every worker
+        common.eval_prompts(cfg, tokenizer, held_out)
 
 
 STAGE = Stage(

@@ -115,6 +115,31 @@ CASES = [
          r"^raypeft: warning: data\.max_length: 38 of 38 rows of data\.source are longer than 256 tokens; their "
          r"prompts are cut from the left, and in 38 of them the response itself is longer than the room left and "
          r"is cut at its end", command="validate", rc=0),
+    # --- conversations (data.format: chat)
+    Case("chat-no-role", S("data.format=chat", "data.source={data}/chat_no_role.jsonl"),
+         r"data\.columns\.messages: row 2 message 1 has no 'role'$"),
+    Case("chat-no-content", S("data.format=chat", "data.source={data}/chat_no_content.jsonl"),
+         r"data\.columns\.messages: row 2 message 0 has no 'content'$"),
+    Case("chat-unknown-role", S("data.format=chat", "data.source={data}/chat_unknown_role.jsonl"),
+         r"data\.columns\.messages: row 2 message 1 has unknown role 'bot'; expected one of system, user, assistant"),
+    Case("chat-empty", S("data.format=chat", "data.source={data}/chat_empty.jsonl"),
+         r"data\.columns\.messages: row 2 is an empty conversation$"),
+    Case("chat-no-assistant", S("data.format=chat", "data.source={data}/chat_no_assistant.jsonl"),
+         r"data\.columns\.messages: row 2 has no assistant turn to learn from$"),
+    Case("chat-template-fails", S("data.format=chat", "data.source={data}/chat_ok.jsonl",
+                                  "data.chat_template={data}/raises.jinja"),
+         r"data\.chat_template: cannot render data\.columns\.messages row 0: TemplateError: no system turns here"),
+    Case("chat-template-no-generation-prompt", S("data.format=chat", "data.source={data}/chat_ok.jsonl",
+                                                 "data.chat_template={data}/no_generation_prompt.jinja"),
+         r"data\.chat_template: the template has no generation prompt for an assistant turn \(data\.columns\.messages "
+         r"row 0: '<\|im_start\|>assistant' comes after"),
+    Case("chat-template-file-missing", S("data.format=chat", "data.chat_template={case}/absent.jinja"),
+         r"data\.chat_template: file not found: .*absent\.jinja"),
+    Case("chat-tokenizer-without-template", S("data.format=chat", "model.tokenizer={data}/tokenizer_no_template"),
+         r"data\.chat_template: the tokenizer \(.*tokenizer_no_template\) has no chat template; give one in the YAML"),
+    Case("chat-ppo-prompt-text", S("data.format=chat", "stages=[sft,reward,ppo]", "ppo.data.source={data}/qa.jsonl",
+                                   "ppo.data.column=q", "ppo.eval_prompts=4"),
+         r"ppo\.data\.column: row 0 is str, not a list of messages$"),
     # --- input adapters
     Case("adapter-no-config", S("adapter.init_from={data}/no_config"),
          r"adapter\.init_from: .*no_config: not an adapter folder \(no adapter_config\.json\)"),
@@ -266,6 +291,27 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                             for i in range(40)))
     (d / "long_response.jsonl").write_text("\n".join(json.dumps({"dialogue": f"short {i}", "summary": "word " * 400})
                                                      for i in range(40)))
+    ok = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+          {"role": "assistant", "content": "Hello."}]
+    bad_rows = {"no_role": [{"role": "user", "content": "Hi"}, {"content": "Hello."}],
+                "no_content": [{"role": "user"}, {"role": "assistant", "content": "Hello."}],
+                "unknown_role": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello."}],
+                "empty": [], "no_assistant": [{"role": "user", "content": "Hi"}]}
+    (d / "chat_ok.jsonl").write_text("\n".join(json.dumps({"messages": ok}) for _ in range(40)))
+    for name, bad in bad_rows.items():  # row 2 is the bad one
+        rows = [ok, ok, bad] + [ok] * 37
+        (d / f"chat_{name}.jsonl").write_text("\n".join(json.dumps({"messages": r}) for r in rows))
+    (d / "raises.jinja").write_text("{% if messages[0]['role'] == 'system' %}"
+                                    "{{ raise_exception('no system turns here') }}{% endif %}")
+    (d / "no_generation_prompt.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    from transformers import AutoTokenizer
+
+    from raypeft.pipeline.demo import ensure_demo_assets
+
+    plain = AutoTokenizer.from_pretrained(str(ensure_demo_assets().model_dir))
+    plain.chat_template = None
+    plain.save_pretrained(str(d / "tokenizer_no_template"))
     (d / "no_config").mkdir()
     (d / "no_config" / "adapter_model.safetensors").write_bytes(b"")
 

@@ -68,11 +68,19 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _is_tensor(o: object) -> bool:
+    """A real tensor with storage; torch.compile leaves dead weakref proxies and fake tensors in the heap."""
+    try:
+        return isinstance(o, torch.Tensor) and (o.data_ptr() or True)
+    except (ReferenceError, RuntimeError):
+        return False
+
+
 def _copies_in_memory(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     """For each tensor, how many *other* live tensors anywhere in the Python heap hold a copy of it."""
     with warnings.catch_warnings():  # isinstance() touches deprecated module attributes
         warnings.simplefilter("ignore")
-        live = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        live = [o for o in gc.get_objects() if _is_tensor(o)]
     counts = {}
     for name, t in tensors.items():
         counts[name] = sum(1 for o in live if o is not t and o.shape == t.shape and o.dtype == t.dtype
