@@ -15,7 +15,7 @@ loss difference on the same batch (it must be ~0). Writes
 ``benchmarks/results/packing_sft_<device>.json`` and ``.md``.
 
     python benchmarks/packing_sft.py                 # CPU, tiny Llama, 12 batches of 16
-    python benchmarks/packing_sft.py --device cuda --size 1b --batch 32 --max-len 2048
+    python benchmarks/packing_sft.py --device cuda --size 1b --batch 8 --max-len 1024   # batch 32 x 2048: OOM on an H200 (fp32 logits)
 """
 
 from __future__ import annotations
