@@ -25,11 +25,16 @@ STEPS = 30
 
 
 def _train_workers() -> list[psutil.Process]:
+    """This test's Ray Train workers: descendants of this process, which started the local Ray.
+    Matching the name alone would also kill another run's worker on the same machine."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if cmdline.startswith("ray::RayTrainWorker"):
-            found.append(proc)
+        try:
+            if cmdline.startswith("ray::RayTrainWorker") and any(p.pid == os.getpid() for p in proc.parents()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 

@@ -116,10 +116,18 @@ def test_grpo_metrics_registry_and_checkpoints(workflow) -> None:
 
 
 def _train_workers() -> list:
+    """This test's Ray Train workers (descendants of this process), never another run's."""
     import psutil
 
-    return [p for p in psutil.process_iter(["cmdline"])
-            if " ".join(p.info.get("cmdline") or []).startswith("ray::RayTrainWorker")]
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if (" ".join(proc.info.get("cmdline") or []).startswith("ray::RayTrainWorker")
+                    and any(p.pid == os.getpid() for p in proc.parents())):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 @pytest.mark.slow
