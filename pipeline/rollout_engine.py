@@ -156,18 +156,19 @@ class RolloutEngine:
         fold = self.folds(model, adapter, extra)
         copy = self._copy(model, adapter) if fold else None
         outputs: list[torch.Tensor] = []
-        for start in range(0, input_ids.shape[0], size):
-            ids, mask = input_ids[start:start + size], attention_mask[start:start + size]
-            ids, mask = bucket_left(ids, mask, spec.prompt_bucket, pad_token_id)
-            rows = {k: v[start:start + size] for k, v in (row_inputs or {}).items()}
-            hooks_off = input_grad_hooks_off(model) if spec.compile else contextlib.nullcontext()
-            with hooks_off, (copy.swapped_in() if copy is not None else contextlib.nullcontext()):
-                if own:
-                    outputs.append(self.loop.generate(_transformers_model(model), ids, mask, plan))
-                else:
-                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
-                                         pad_token_id=pad_token_id, eos_token_id=eos_token_id, **sampling, **rows,
-                                         **extra)
-                    outputs.append(out[:, ids.shape[1]:])
+        hooks_off = input_grad_hooks_off(model) if spec.compile else contextlib.nullcontext()
+        with hooks_off:  # once per call, not per chunk: it walks the module tree
+            for start in range(0, input_ids.shape[0], size):
+                ids, mask = input_ids[start:start + size], attention_mask[start:start + size]
+                ids, mask = bucket_left(ids, mask, spec.prompt_bucket, pad_token_id)
+                rows = {k: v[start:start + size] for k, v in (row_inputs or {}).items()}
+                with copy.swapped_in() if copy is not None else contextlib.nullcontext():
+                    if own:
+                        outputs.append(self.loop.generate(_transformers_model(model), ids, mask, plan))
+                    else:
+                        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                             pad_token_id=pad_token_id, eos_token_id=eos_token_id, **sampling, **rows,
+                                             **extra)
+                        outputs.append(out[:, ids.shape[1]:])
         width = max(o.shape[1] for o in outputs)
         return torch.cat([F.pad(o, (0, width - o.shape[1]), value=pad_token_id) for o in outputs])
