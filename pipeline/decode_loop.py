@@ -54,6 +54,7 @@ transformers from the call's keywords and the model's generation config, so the 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,7 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from raypeft.adapters.virtual_tokens import cache_name
+from raypeft.pipeline.decode_attention import grouped_decode_attention
 from raypeft.pipeline.token_sampling import SamplingRule, pick_tokens
 
 CHECK_EVERY = 8  # steps between the host's looks at the live rows (each look is one device sync)
@@ -179,14 +181,17 @@ class DecodeLoop:
     ``compile``: compile the step (CUDA graphs) when the model is on CUDA; ``drop_finished``: move
     live rows to a smaller batch when they fit one; ``check_every``/``min_rows``: see the module;
     ``pad_to_kept``: decode a call with fewer rows than a kept batch size at that size (None: when
-    the step is a replayed graph).
+    the step is a replayed graph); ``grouped_attention``: attend from each key/value head's query
+    group over the unexpanded cache (``pipeline.decode_attention``; off: transformers' ``sdpa``,
+    which copies the cache per query head under compile -- kept for benchmarks to compare).
     """
 
     def __init__(self, *, compile: bool = False, drop_finished: bool = False, check_every: int = CHECK_EVERY,
-                 min_rows: int = MIN_ROWS, pad_to_kept: bool | None = None) -> None:
+                 min_rows: int = MIN_ROWS, pad_to_kept: bool | None = None, grouped_attention: bool = True) -> None:
         if check_every < 1 or min_rows < 1:
             raise ValueError(f"check_every and min_rows must be at least 1, got {check_every}, {min_rows}")
         self.compile, self.drop_finished = compile, drop_finished
+        self.grouped_attention = grouped_attention
         self.check_every, self.min_rows = check_every, min_rows
         self.pad_to_kept = pad_to_kept
         self._slots: dict[int, _Slots] = {}
@@ -252,6 +257,11 @@ class DecodeLoop:
                  plan: DecodePlan) -> torch.Tensor:
         """New tokens ``[B, T]`` (``T <= plan.max_new_tokens``: up to the last row's eos) for
         left-padded prompts ``input_ids [B, P]``; pad after each row's eos, as ``generate``."""
+        with grouped_decode_attention(lm) if self.grouped_attention else contextlib.nullcontext():
+            return self._generate(lm, input_ids, attention_mask, plan)
+
+    def _generate(self, lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  plan: DecodePlan) -> torch.Tensor:
         rows, width = input_ids.shape
         new, device = plan.max_new_tokens, input_ids.device
         self._fit(lm, width + new, new, device)
