@@ -33,7 +33,14 @@ from raypeft.adapters.lora.linear import LoraLinear
 
 
 class FoldedLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` the folded ``(out, in)`` weight; holds no gradients."""
+    """``y = x W^T + b`` with ``W`` the folded ``(out, in)`` weight; holds no gradients.
+
+    Computed in the weight's dtype (the layer's compute dtype) and returned in the input's, as a
+    bitsandbytes 4-bit layer does: a k-bit-prepared model keeps its norms in float32, so the
+    activations reaching a projection are float32 while the weight is bf16. Casting the weight to
+    the input instead would convert the whole copy to float32 on every forward (measured on an
+    H200, 8B shapes with an NF4 base: 52 ms per decode step instead of about 9).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -41,8 +48,9 @@ class FoldedLinear(nn.Module):
         self.bias = bias  # the base layer's own bias tensor (shared, never written)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        dtype = self.weight.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.weight, bias).to(x.dtype)
 
 
 def _holders(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module, str, AdapterLayer]]:

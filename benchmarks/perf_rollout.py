@@ -3,10 +3,14 @@
     python benchmarks/perf_rollout.py --device cuda --size 1b            # one H200: 3 min without the own loop
     python benchmarks/perf_rollout.py --device cuda --size 1b --stop-every 0,128 --profile own   # + rows that end
     python benchmarks/perf_rollout.py --device cuda --size 8b --repeats 1
+    python benchmarks/perf_rollout.py --device cuda --size 8b --nf4 --variants today,own --repeats 1   # NF4 base
     python benchmarks/perf_rollout.py --device cpu --size tiny --batch 8 --prompt-len 32 --new 32
 
 A random-initialised Llama of the given shape (bf16 on GPU, fp32 on CPU), LoRA r=16 on every
-linear layer (B non-zero, as after training), ``--batch`` prompts of ``--prompt-len`` tokens,
+linear layer (B non-zero, as after training); with ``--nf4`` the base's linear layers are
+bitsandbytes NF4 (double quantization, compute in the model dtype) and prepared for k-bit training
+as the pipeline's ``model.quantization`` does (the folded copy is then a dense ``dequant(W0) + delta``
+in the compute dtype), ``--batch`` prompts of ``--prompt-len`` tokens,
 ``--new`` sampled tokens at temperature 1. Each variant runs
 ``pipeline.rollout_engine.RolloutEngine.generate`` with its ``GenerationSpec`` levers; one untimed
 warm-up call (compilation; for a variant that drops finished rows, a second one whose rows end
@@ -41,7 +45,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_common import RESULTS, Report, build_llama, command_line, pick_device, sync  # noqa: E402
 
-from raypeft.adapters import LoraConfig, get_adapter_model  # noqa: E402
+from raypeft.adapters import (LoraConfig, get_adapter_model, prepare_model_for_kbit_training,  # noqa: E402
+                              quantize_linear_layers)
 from raypeft.pipeline.config import GenerationSpec  # noqa: E402
 from raypeft.pipeline.rollout_engine import RolloutEngine  # noqa: E402
 
@@ -56,7 +61,10 @@ VARIANTS = {  # name: (what it is, GenerationSpec levers)
                  {**_FOLDED_STATIC, "decode_loop": "own", "drop_finished": True}),
     "own-eager": ("folded copy, own loop, eager step (what the graph saves)",
                   {"fold_adapter": True, "prompt_bucket": 64, "decode_loop": "own"}),
+    "own-repeat-kv": ("folded copy, own loop, CUDA-graphed step, transformers' sdpa (KV heads copied per query head)",
+                      {**_FOLDED_STATIC, "decode_loop": "own", "grouped_attention": False}),
 }
+LOOP_SETTINGS = ("grouped_attention",)  # levers of the DecodeLoop itself, not GenerationSpec fields
 DEFAULT_VARIANTS = "today,folded,static,folded-static,own,own-drop"
 
 
@@ -79,7 +87,11 @@ def make_call(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, lev
               stops: list[int]) -> Callable[..., torch.Tensor]:
     """One seeded ``RolloutEngine.generate`` call of a fresh engine with ``levers`` (its engine as
     ``call.engine``); ``call(stops=...)`` overrides the stop tokens."""
-    engine = RolloutEngine(GenerationSpec(max_new_tokens=new, **levers))
+    spec = {k: v for k, v in levers.items() if k not in LOOP_SETTINGS}
+    engine = RolloutEngine(GenerationSpec(max_new_tokens=new, **spec))
+    for key in LOOP_SETTINGS:
+        if key in levers:
+            setattr(engine.loop, key, levers[key])
 
     def call(stops: list[int] = stops) -> torch.Tensor:
         torch.manual_seed(0)
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated names of VARIANTS ({', '.join(VARIANTS)})")
     parser.add_argument("--stop-every", default="0", help="comma-separated mean row lengths; 0: rows never end")
     parser.add_argument("--profile", default="", help="a variant to profile once more (torch.profiler)")
+    parser.add_argument("--nf4", action="store_true", help="quantize the base's linear layers to NF4")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
     if unknown:
@@ -147,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = build_llama(args.size, device, dtype)
+    if args.nf4:
+        quantize_linear_layers(base, 4, quant_type="nf4", double_quant=True, compute_dtype=dtype,
+                               quant_storage=torch.uint8)
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=True, keep_in_fp32="norms")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     base.config.use_cache = True
     model = get_adapter_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), adapter_name="policy")
     with torch.no_grad():
@@ -158,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     vocab = base.config.vocab_size
     ids = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=g).to(device)
     mask = torch.ones_like(ids)
-    report = Report("rollout", device, f"Rollout generation, {args.size} Llama shape, LoRA r=16 all-linear, "
+    report = Report("rollout", device, f"Rollout generation, {args.size} Llama shape{', NF4 base' if args.nf4 else ''}, "
+                    "LoRA r=16 all-linear, "
                     f"batch {args.batch} x {args.prompt_len} prompt + up to {args.new} new tokens",
                     ["variant", "stop every", "path", "tokens/s", "ms per step", "speed-up", "peak alloc GiB",
-                     "peak reserved GiB", "first call s"], suffix=f"_{args.size}")
+                     "peak reserved GiB", "first call s"], suffix=f"_{args.size}{'_nf4' if args.nf4 else ''}")
     report.notes.append("today = the PPO/GRPO sampling path before the engine (unmerged LoRA, HF dynamic cache)")
     report.notes.append("stop every L: vocab/L stop tokens, rows end after about L tokens; 0: rows never end. "
                         "speed-up is against today in the same regime")

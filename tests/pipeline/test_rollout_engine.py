@@ -209,6 +209,23 @@ def test_quantized_base_folds_into_a_dense_copy() -> None:
             assert torch.equal(p, quantized[name]), name
 
 
+def test_a_folded_layer_computes_in_its_dtype_and_answers_in_the_input_dtype() -> None:
+    """As a bitsandbytes layer: float32 activations (a k-bit-prepared model keeps its norms in
+    float32) meet a bf16 copy in a bf16 matmul, and the result comes back in float32; the copy
+    itself is never converted."""
+    from raypeft.adapters.generation_copy import FoldedLinear
+
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(6, 8, generator=g).bfloat16(), torch.randn(6, generator=g)
+    folded = FoldedLinear(weight, bias)
+    x = torch.randn(3, 8, generator=g)
+    out = folded(x)
+    assert out.dtype == torch.float32 and folded.weight.dtype == torch.bfloat16
+    assert torch.equal(out, torch.nn.functional.linear(x.bfloat16(), weight, bias.bfloat16()).float())
+    same = FoldedLinear(weight.float(), bias)
+    assert torch.equal(same(x), torch.nn.functional.linear(x, weight.float(), bias))
+
+
 def test_input_grad_hooks_are_off_while_generating_and_back_after() -> None:
     """k-bit preparation's embedding hook (``requires_grad_`` on the output) breaks a compiled
     decode step's graph; the engine lifts it for the call and puts it back for training."""
