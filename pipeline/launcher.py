@@ -40,8 +40,23 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         # The dashboard process also serves the State API that Ray Train's controller polls;
         # bound to loopback it is reachable from this machine only. address="local": never a
-        # stale cluster recorded in /tmp/ray.
+        # stale cluster recorded in /tmp/ray. The other servers listen on every interface (no
+        # Ray option binds them to loopback), so token auth must stay on: Ray 2.59+ turns it on
+        # for a local Ray by default (RAY_AUTH_MODE, read when ray is imported); a Ray or an
+        # environment that has it off is told what that exposes.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        if not _token_auth_on():
+            print(f"raypeft: warning: Ray token auth is off (RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')}): "
+                  "this local Ray's GCS, raylet and workers listen on every interface without authentication; anyone "
+                  "who reaches them can run code as you (README, Security)", file=sys.stderr, flush=True)
+
+
+def _token_auth_on() -> bool:
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:  # a Ray before token auth (2.52)
+        return False
+    return bool(is_token_auth_enabled())
 
 
 def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name: str,
@@ -57,10 +72,9 @@ def fit(loop: Callable[[dict], None], payload: dict, cfg: RunConfig, *, run_name
     resources = cfg.scaling.resources_per_worker
     if resources is None and not cfg.scaling.use_gpu:
         resources = {"CPU": 1}
-    missing = ray_cluster.shortfall(cfg, ray.cluster_resources())
-    if missing:  # a cluster (a local Ray was checked in preflight): it may grow, so say so and wait
-        print(f"raypeft: warning: scaling: {missing} in the cluster now; Ray Train waits until the cluster has "
-              "them (an autoscaler may add nodes); Ctrl-C stops the run", file=sys.stderr, flush=True)
+    # a cluster (a local Ray was checked in preflight) may grow: wait a bounded time for it
+    ray_cluster.wait_for_resources(cfg, ray.cluster_resources,
+                                   log=lambda line: print(line, file=sys.stderr, flush=True))
     storage = cfg.output_path() / "ray"
     verdict = nonfinite_loss.stop_file(storage / run_name)
     verdict.unlink(missing_ok=True)

@@ -7,14 +7,18 @@ Two things used to hang instead of failing: an address whose cluster is gone (``
 retries until killed; a stale record file did the same), and workers that ask for more than a
 local Ray has (Ray Train waits for resources forever). Here the address is probed with one
 bounded TCP connect, a stale record is ignored, and a local run's demand is compared with this
-machine's CPUs and GPUs. A real cluster may grow (an autoscaler), so its demand is not refused.
+machine's CPUs and GPUs. A real cluster may grow (an autoscaler), so its demand is not refused
+up front: :func:`wait_for_resources` asks the autoscaler for the workers' bundles and waits a
+bounded time (``scaling.resource_wait_s``) for them, then fails with what is missing.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -138,3 +142,45 @@ def check_ray(cfg: RunConfig) -> None:
         return
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     check_local_resources(cfg, local_cpus(), gpus)
+
+
+class ResourcesUnavailable(RuntimeError):
+    """The cluster did not get the workers' resources within ``scaling.resource_wait_s``."""
+
+
+def _ask_autoscaler(bundles: list[dict[str, float]]) -> None:
+    """Tell an autoscaler (if the cluster has one) the bundles to make room for; ``[]`` withdraws it.
+    Without an autoscaler the request is recorded and nothing happens."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception:  # noqa: BLE001 - a cluster without an autoscaler API is a cluster that cannot grow
+        pass
+
+
+def wait_for_resources(cfg: RunConfig, cluster_resources: Callable[[], dict[str, float]], *,
+                       log: Callable[[str], None], poll_s: float = 5.0) -> None:
+    """Return once ``cluster_resources()`` holds every worker, else raise ``ResourcesUnavailable``
+    after ``scaling.resource_wait_s`` seconds (``None``: wait on). Ray Train itself would wait
+    forever with nothing said. While waiting, the workers' bundles are requested from the
+    autoscaler (a cluster scales on pending demand, and none is pending before Ray Train starts)."""
+    missing = shortfall(cfg, cluster_resources())
+    if missing is None:
+        return
+    limit = cfg.scaling.resource_wait_s
+    log(f"raypeft: warning: scaling: {missing} in the cluster now; waiting "
+        + (f"up to {limit:g} s" if limit is not None else "until they come")
+        + " for the cluster to grow (an autoscaler has been asked for them); Ctrl-C stops the run")
+    _ask_autoscaler([worker_demand(cfg)] * cfg.scaling.num_workers)
+    deadline = None if limit is None else time.monotonic() + limit
+    try:
+        while missing is not None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResourcesUnavailable(
+                    f"scaling: {missing} after waiting {limit:g} s (scaling.resource_wait_s); add nodes, use "
+                    "fewer workers or less per worker, or raise scaling.resource_wait_s")
+            time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
+            missing = shortfall(cfg, cluster_resources())
+    finally:
+        _ask_autoscaler([])

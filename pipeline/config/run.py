@@ -68,6 +68,9 @@ class ScalingSpec(StrictModel):
     num_workers: int = Field(default=1, gt=0)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
+    # On a cluster short of the workers' resources: how long to wait (asking an autoscaler for
+    # them) before the stage fails; None waits as long as it takes.
+    resource_wait_s: float | None = Field(default=600.0, gt=0, allow_inf_nan=False)
 
     @field_validator("resources_per_worker")
     @classmethod
