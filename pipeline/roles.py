@@ -27,6 +27,10 @@ go through :meth:`attach_entry`'s callable (the DeepSpeed engine once one wraps 
 that every forward whose output reaches a loss passes through the engine: DeepSpeed prepares
 its ZeRO gradient reduction from hooks the engine puts on forward outputs, and a loss built
 from two roles (PPO's policy and critic) must come from one engine call.
+
+Packed batches (``data.packing`` in the pair stages) pass ``position_ids`` and no attention
+mask: the model then reads the sequence boundaries off the restarting positions
+(``pipeline.data.packing``).
 """
 
 from __future__ import annotations
@@ -211,29 +215,34 @@ class Roles(nn.Module):
         """Compute role outputs through ``entry`` (the training engine wrapping this module)."""
         self._entry[:] = [] if entry is self else [entry]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                requests: tuple[Request, ...]) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                requests: tuple[Request, ...], position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Each requested ``(kind, role)`` output for one batch, in order (kinds: logits/values/scores)."""
         outputs = []
         for kind, role in requests:
             if kind == "logits":
-                outputs.append(self._logits(role, input_ids, attention_mask))
+                outputs.append(self._logits(role, input_ids, attention_mask, position_ids))
             elif kind == "values":
-                outputs.append(self._values(role, input_ids, attention_mask))
+                outputs.append(self._values(role, input_ids, attention_mask, position_ids))
             elif kind == "scores":
                 outputs.append(self._scores(role, input_ids, attention_mask))
             else:
                 raise ValueError(f"unknown role output {kind!r}; expected logits, values or scores")
         return tuple(outputs)
 
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            *requests: Request) -> tuple[torch.Tensor, ...]:
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            *requests: Request, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Several role outputs from one call of the entry (one engine forward, one backward hook)."""
         entry = self._entry[0] if self._entry else self
-        return entry(input_ids, attention_mask, requests=tuple(requests))
+        if position_ids is None:
+            return entry(input_ids, attention_mask, requests=tuple(requests))
+        return entry(input_ids, attention_mask, requests=tuple(requests), position_ids=position_ids)
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, hidden: bool) -> torch.Tensor:
-        kwargs = {}
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, hidden: bool,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs: dict = {}
+        if position_ids is not None:  # packed: no cache, or transformers ignores the restarts
+            kwargs.update(position_ids=position_ids, use_cache=False)
         if hidden:
             kwargs["output_hidden_states"] = True
             if _accepts(self._base_module(), "logits_to_keep"):
@@ -245,27 +254,32 @@ class Roles(nn.Module):
             return out.hidden_states[-1][:, -n:]
         return out.logits[:, -n:]
 
-    def logits(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token logits ``[B, L, V]`` of ``role`` (right-padded inputs)."""
-        return self.run(input_ids, attention_mask, ("logits", role))[0]
+    def logits(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits ``[B, L, V]`` of ``role`` (right-padded inputs, or packed ones with
+        ``position_ids`` and no mask)."""
+        return self.run(input_ids, attention_mask, ("logits", role), position_ids=position_ids)[0]
 
-    def values(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def values(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The value head of ``role`` at every position, ``[B, L]``."""
-        return self.run(input_ids, attention_mask, ("values", role))[0]
+        return self.run(input_ids, attention_mask, ("values", role), position_ids=position_ids)[0]
 
     def scores(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One scalar per row: the value head at the last non-padding token, ``[B]``."""
         return self.run(input_ids, attention_mask, ("scores", role))[0]
 
-    def _logits(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _logits(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         with self.use(role):
-            return self._forward(input_ids, attention_mask, hidden=False)
+            return self._forward(input_ids, attention_mask, hidden=False, position_ids=position_ids)
 
-    def _values(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _values(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if role not in self.heads:
             raise ValueError(f"role {role!r} has no value head")
         with self.use(role):
-            return self.heads[role](self._forward(input_ids, attention_mask, hidden=True))
+            return self.heads[role](self._forward(input_ids, attention_mask, hidden=True, position_ids=position_ids))
 
     def _scores(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if role not in self.heads:

@@ -44,8 +44,9 @@ class DataSpec(StrictModel):
     max_train_rows: int | None = Field(default=None, gt=0)
     # Conversations (pipeline/data/chat.py). ``format: chat`` reads every stage's rows as message lists
     # rendered through ``chat_template`` (inline Jinja or a file; null: the tokenizer's own template);
-    # ``train_on``: loss on every assistant turn (all) or on the last one (last); ``packing``: SFT puts a
-    # micro-batch's rows side by side in bins of max_length tokens, no attention across them.
+    # ``train_on``: loss on every assistant turn (all) or on the last one (last); ``packing``: SFT, reward and
+    # DPO put a micro-batch's rows (a pair's two sides each) side by side in bins of max_length tokens, no
+    # attention across them.
     format: Literal["text", "chat"] = "text"
     chat_template: str | None = None
     train_on: Literal["all", "last"] = "all"

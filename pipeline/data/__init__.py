@@ -10,7 +10,8 @@ One module per step, in the order a stage uses them:
 * ``tokenizing`` (what the three share), ``sft``, ``pairs``, ``prompts``: fixed token-id lists
   (no padding) for SFT, preference pairs (reward model and DPO) and PPO prompts.
 * ``collate``: pure torch, inside Ray Train workers: rows padded into tensors (right padding for
-  training, left padding for generation); ``packing``: an SFT micro-batch as one padding-free row.
+  training, left padding for generation); ``packing``: an SFT or preference-pair micro-batch in bins without
+  padding between rows or attention across them.
 * ``chat`` and ``chat_rows``: conversations (``data.format: chat``) through a chat template, with
   the loss on assistant turns only, for every stage's row format.
 

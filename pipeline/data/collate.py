@@ -142,11 +142,15 @@ class PromptCollator(_Collator):
 
 
 def count_tokens(batch: Mapping[str, Any]) -> int:
-    """Non-pad input tokens in a collated batch (for tokens/s): the attention mask's sum.
+    """Non-pad input tokens in a collated batch (for tokens/s): the attention mask's sum, or the
+    positions a packed pair batch assigns to a sequence (``segments``).
 
-    Without an attention mask every position of ``input_ids`` counts. Seq2seq decoder tokens
-    (``labels``) are not included.
+    Without either every position of ``input_ids`` counts. Seq2seq decoder tokens (``labels``)
+    are not included.
     """
+    segments = batch.get("segments")
+    if segments is not None:
+        return int((segments >= 0).sum().item())
     mask = batch.get("attention_mask")
     if mask is not None:
         return int(mask.sum().item())

@@ -25,6 +25,7 @@ from raypeft.pipeline import engine, nonfinite_loss, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import DPOSpec, RunConfig
 from raypeft.pipeline.data import IGNORE_INDEX, PairCollator, count_tokens, split_pairs
+from raypeft.pipeline.data.packing import PackedPairCollator, sequence_sums
 from raypeft.pipeline.inputs import sft_rows
 from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
 from raypeft.pipeline.preflight_checks import Warn
@@ -51,11 +52,15 @@ def build_roles(cfg: RunConfig, base: torch.nn.Module, policy_init: str | None, 
 
 
 def response_logprobs(roles: Roles, role: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each row's response tokens under ``role``, and their count."""
-    logits = roles.logits(role, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    """Summed log-probability of each side's response tokens under ``role``, and their count, in
+    ``PairCollator`` order (a packed batch is reduced per side through its ``segments``)."""
+    logits = roles.logits(role, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))[:, :-1]
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     logp = token_logprobs(logits, labels.clamp(min=0)) * mask
+    if "segments" in batch:  # packed (data.packing): a label belongs to the side of the token it names
+        segments, sides = batch["segments"][:, 1:], batch["ends"].shape[0]
+        return sequence_sums(logp, segments, sides), sequence_sums(mask.to(logp.dtype), segments, sides).clamp(min=1)
     return logp.sum(-1), mask.sum(-1).clamp(min=1)
 
 
@@ -77,7 +82,7 @@ def pair_terms(roles: Roles, batch: dict[str, torch.Tensor], beta: float, loss_t
 
 
 @torch.no_grad()
-def evaluate(roles: Roles, dataset, collate: PairCollator, worker: engine.Worker, cfg: RunConfig,
+def evaluate(roles: Roles, dataset, collate: PairCollator | PackedPairCollator, worker: engine.Worker, cfg: RunConfig,
              batch_size: int, backend: Backend | None = None) -> dict[str, float]:
     """Held-out loss, implicit-reward accuracy and margin, and ``eval_logp_accuracy``: how often
     the policy gives the chosen response the higher per-token log-probability (meaningful before

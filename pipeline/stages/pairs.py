@@ -18,6 +18,7 @@ from raypeft.pipeline.config import PairColumns, RunConfig
 from raypeft.pipeline.conversations import chat_tokenizer, is_chat
 from raypeft.pipeline.data import PairCollator, tokenize_pairs
 from raypeft.pipeline.data.chat_rows import tokenize_chat_pairs
+from raypeft.pipeline.data.packing import PackedPairCollator
 from raypeft.pipeline.inputs import pair_rows
 from raypeft.pipeline.preflight_checks import Warn, report_truncation
 from raypeft.pipeline.roles import Roles
@@ -60,7 +61,7 @@ def check_pair_data(cfg: RunConfig, stage: str, spec: Any, tokenizer: Any, warn:
 class PairTraining:
     train_set: Any
     eval_set: Any
-    collate: PairCollator
+    collate: PairCollator | PackedPairCollator
     steps_per_epoch: int
     total: int
     backend: Backend
@@ -86,5 +87,13 @@ def prepare(cfg: RunConfig, stage: str, spec: Any, roles: Roles, tokenizer, work
         engine.say(f"[{stage}] resumed from step {state['step']}")
     first = {"trainable_params": n_train, "train_pairs": len(train_set), "eval_pairs": len(eval_set),
              "truncated_pairs": truncation.truncated}
-    return PairTraining(train_set, eval_set, PairCollator(pad_token_id=tokenizer.pad_token_id), steps_per_epoch,
-                        total, backend, state, first)
+    return PairTraining(train_set, eval_set, pair_collator(cfg, tokenizer), steps_per_epoch, total, backend, state,
+                        first)
+
+
+def pair_collator(cfg: RunConfig, tokenizer) -> PairCollator | PackedPairCollator:
+    """Padded pairs, or (``data.packing``) the ``2B`` sides in bins of ``data.max_length`` tokens
+    with no attention across sides; both stages reduce either back to one figure per side."""
+    if cfg.data.packing:
+        return PackedPairCollator(max_tokens=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id)
+    return PairCollator(pad_token_id=tokenizer.pad_token_id)

@@ -21,6 +21,7 @@ from raypeft.pipeline import engine, nonfinite_loss, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import RewardSpec, RunConfig
 from raypeft.pipeline.data import PairCollator, count_tokens, split_pairs
+from raypeft.pipeline.data.packing import PackedPairCollator, at_ends
 from raypeft.pipeline.modeling import adapter_config, load_base_model, load_tokenizer
 from raypeft.pipeline.preflight_checks import Warn
 from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
@@ -44,11 +45,15 @@ def build_roles(cfg: RunConfig, base: torch.nn.Module, init_dir: str | None) -> 
 
 
 def pair_scores(roles: Roles, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and rejected sides: the value head at each side's last token."""
+    if "ends" in batch:  # packed (data.packing): each side ends somewhere inside a bin
+        values = roles.values(ROLE, batch["input_ids"], None, position_ids=batch["position_ids"])
+        return split_pairs(at_ends(values, batch["ends"]))
     return split_pairs(roles.scores(ROLE, batch["input_ids"], batch["attention_mask"]))
 
 
 @torch.no_grad()
-def evaluate(roles: Roles, dataset, collate: PairCollator, worker: engine.Worker,
+def evaluate(roles: Roles, dataset, collate: PairCollator | PackedPairCollator, worker: engine.Worker,
              batch_size: int, backend: Backend | None = None) -> dict[str, float]:
     """Held-out pair accuracy (ties count as wrong), mean margin and loss; rows sharded over workers
     (padded rows, which keep ZeRO-3 workers in lockstep, are scored and left out)."""
