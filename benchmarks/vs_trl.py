@@ -1,0 +1,379 @@
+"""SFT and DPO throughput against TRL's trainers on the same model, data and settings, in one process.
+
+Both sides train a LoRA adapter (r=16, alpha 32, all linear layers, no dropout) on a Llama built
+from a config (random weights; ``perf_common.llama_config``), from the same texts of long-tailed
+length (log-normal word counts; a word-level tokenizer built here makes one token per word, so
+both sides see the same token ids), with the same micro-batch, ``max_length``, learning rate
+(constant), AdamW, gradient clipping at 1.0, no gradient checkpointing and no evaluation:
+
+* ours: the stages' own step, in process (no Ray: the loop a worker runs): SFT through
+  ``SFTCollator`` / ``PackedSFTCollator`` (``data.packing``) and the model's loss; DPO through
+  ``dpo.pair_terms`` over ``Roles`` (reference: the base with the adapter disabled, what TRL uses
+  with a peft config), ``PairCollator`` / ``PackedPairCollator``; ``TorchBackend`` steps.
+* TRL: ``SFTTrainer`` (``packing=False``, and ``packing=True``, its best-fit-decreasing
+  padding-free packing) and ``DPOTrainer`` (sigmoid loss; its padding-free mode is disabled in
+  TRL 1.16), each with a ``peft.LoraConfig``; ``bf16=True`` on CUDA (its default).
+
+TRL's packing fills whole rows of ``max_length`` tokens from the dataset, so its packed micro-batch
+is set to about the same tokens per step as ours (``ceil(batch x mean length / max_length)``
+rows); everything is reported per real (non-padding) token. Timed: the steps after ``--warmup``,
+each synchronised; tokens counted at the model's forward with gradients on. Peak GPU memory is
+reset before each run. Writes ``benchmarks/results/vs_trl_<stage>_<size>_<device>.json`` / ``.md``.
+
+    python benchmarks/vs_trl.py --stages sft,dpo                     # CPU smoke run, tiny Llama
+    python benchmarks/vs_trl.py --device cuda --size 1b --batch 16 --max-len 1024 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf_common import RESULTS, build_llama, command_line, machine_info, pick_device, sync  # noqa: E402
+
+from raypeft.adapters import LoraConfig, get_adapter_model  # noqa: E402
+from raypeft.pipeline.backends import TorchBackend  # noqa: E402
+from raypeft.pipeline.data import IGNORE_INDEX, PairCollator, SFTCollator  # noqa: E402
+from raypeft.pipeline.data.packing import PackedPairCollator, PackedSFTCollator  # noqa: E402
+from raypeft.pipeline.roles import Roles  # noqa: E402
+from raypeft.pipeline.stages import dpo  # noqa: E402
+
+LR = 1e-4
+WORDS = 2000  # the word-level vocabulary (ids 4.. of the model's vocabulary)
+EOS = " </s>"  # in the text, so TRL adds none and both sides tokenize the same ids
+H200_BF16_DENSE_TFLOPS = 989.0
+
+
+def word_tokenizer() -> Any:
+    """One token per whitespace-separated word ``w<i>``; ``<pad>``/``<s>``/``</s>``/``<unk>`` are 0-3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def lognormal_lengths(n: int, median: int, low: int, high: int, g: torch.Generator) -> list[int]:
+    x = torch.exp(torch.randn(n, generator=g) * 0.9 + math.log(median))
+    return x.round().clamp(low, high).long().tolist()
+
+
+def words(n: int, g: torch.Generator) -> str:
+    return " ".join(f"w{i}" for i in torch.randint(0, WORDS, (n,), generator=g).tolist())
+
+
+def sft_texts(n: int, median: int, max_len: int, seed: int) -> list[dict[str, str]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for total in lognormal_lengths(n, median, 8, max_len - 2, g):
+        prompt = max(1, total // 3)
+        rows.append({"prompt": words(prompt, g), "completion": " " + words(total - prompt, g) + EOS})
+    return rows
+
+
+def pair_texts(n: int, median: int, max_len: int, seed: int) -> list[dict[str, str]]:
+    g = torch.Generator().manual_seed(seed)
+    third = max_len // 3 - 2
+    p, c, r = (lognormal_lengths(n, median, 2, third, g) for _ in range(3))
+    return [{"prompt": words(a, g), "chosen": " " + words(b, g) + EOS, "rejected": " " + words(d, g) + EOS}
+            for a, b, d in zip(p, c, r)]
+
+
+# ----------------------------------------------------------------------------------- timing
+class StepClock:
+    """Synchronised wall time of each step and the real tokens its forward passes with gradients saw."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self.tokens, self._t0, self._tok = device, [], [], 0.0, 0
+
+    def begin(self) -> None:
+        sync(self.device)
+        self._t0, self._tok = time.perf_counter(), 0
+
+    def end(self) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter() - self._t0)
+        self.tokens.append(self._tok)
+
+    def count(self, n: int) -> None:
+        self._tok += int(n)
+
+    def hook(self, module: torch.nn.Module) -> Any:
+        """Count the tokens of every forward of ``module`` that builds a graph (not a reference pass)."""
+        def pre(_mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if not torch.is_grad_enabled():
+                return
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            self.count(mask.sum() if mask is not None and mask.dim() == 2 else ids.numel())
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def summary(self, warmup: int, items_per_step: int | None = None) -> dict[str, Any]:
+        times, tokens = self.times[warmup:], self.tokens[warmup:]
+        out = {"steps_timed": len(times), "s_per_step_median": statistics.median(times),
+               "tokens_per_s": sum(tokens) / sum(times), "tokens_per_step_mean": statistics.mean(tokens)}
+        if items_per_step:
+            out["pairs_per_s"] = items_per_step * len(times) / sum(times)
+        return out
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def fresh(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def lora() -> LoraConfig:
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+def peft_lora() -> Any:
+    import peft
+
+    return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def backend_for(module: torch.nn.Module, steps: int) -> TorchBackend:
+    return TorchBackend(module, lr=LR, weight_decay=0.0, scheduler="constant", warmup_steps=0, total_steps=steps,
+                        max_grad_norm=1.0)
+
+
+# ------------------------------------------------------------------------------------- ours
+def ours_sft(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tok: Any,
+             texts: list[dict[str, str]], packed: bool) -> dict[str, Any]:
+    fresh(device)
+    model = get_adapter_model(build_llama(args.size, device, dtype, seed=args.seed), lora())
+    model.train()
+    rows = []
+    for t in texts:
+        p = tok(t["prompt"])["input_ids"]
+        c = tok(t["completion"], add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c})
+    collate = PackedSFTCollator(max_tokens=args.max_len, pad_token_id=0) if packed else SFTCollator(pad_token_id=0)
+    backend, clock = backend_for(model, args.steps), StepClock(device)
+    for step in range(args.steps):
+        chunk = rows[(step * args.batch) % len(rows):][:args.batch]
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
+        clock.begin()
+        clock.count(sum(len(r["input_ids"]) for r in chunk))
+        backend.backward(model(**batch).loss)
+        backend.step()
+        clock.end()
+    return {**clock.summary(args.warmup), **peak_memory(device)}
+
+
+def ours_dpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tok: Any,
+             texts: list[dict[str, str]], packed: bool) -> dict[str, Any]:
+    fresh(device)
+    roles = Roles(build_llama(args.size, device, dtype, seed=args.seed))
+    roles.add(dpo.POLICY, lora(), trainable=True)
+    roles.add_base(dpo.REFERENCE)
+    roles.train()
+    rows = []
+    for t in texts:
+        p = tok(t["prompt"])["input_ids"]
+        sides = {s: tok(t[s], add_special_tokens=False)["input_ids"] for s in ("chosen", "rejected")}
+        rows.append({f"{s}_{k}": v for s, ids in sides.items()
+                     for k, v in (("input_ids", p + ids), ("labels", [IGNORE_INDEX] * len(p) + ids))})
+    collate = PackedPairCollator(max_tokens=args.max_len, pad_token_id=0) if packed else PairCollator(pad_token_id=0)
+    backend, clock = backend_for(roles, args.steps), StepClock(device)
+    for step in range(args.steps):
+        chunk = rows[(step * args.batch) % len(rows):][:args.batch]
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        clock.begin()
+        clock.count(sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in chunk))
+        losses = dpo.pair_terms(roles, batch, beta=0.1, loss_type="sigmoid")[0]
+        backend.backward(losses.mean())
+        backend.step()
+        clock.end()
+    return {**clock.summary(args.warmup, items_per_step=args.batch), **peak_memory(device)}
+
+
+# -------------------------------------------------------------------------------------- TRL
+def trl_common(args: argparse.Namespace, device: torch.device, out: str, batch: int) -> dict[str, Any]:
+    return dict(output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+                max_steps=args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+                weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, bf16=device.type == "cuda",
+                use_cpu=device.type == "cpu", logging_steps=10**6, report_to="none", save_strategy="no",
+                eval_strategy="no", seed=args.seed, dataloader_num_workers=0, disable_tqdm=True, max_length=args.max_len)
+
+
+def run_trainer(trainer: Any, clock: StepClock) -> None:
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            clock.begin()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            clock.end()
+
+    trainer.add_callback(Clock())
+    handle = clock.hook(trainer.model)
+    trainer.train()
+    handle.remove()
+
+
+def trl_sft(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tok: Any,
+            texts: list[dict[str, str]], packed: bool, mean_len: float) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    fresh(device)
+    model = build_llama(args.size, device, dtype, seed=args.seed)
+    batch = max(1, math.ceil(args.batch * mean_len / args.max_len)) if packed else args.batch
+    clock = StepClock(device)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = SFTConfig(**trl_common(args, device, out, batch), packing=packed, completion_only_loss=True)
+        trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(texts), processing_class=tok,
+                             peft_config=peft_lora())
+        run_trainer(trainer, clock)
+    return {**clock.summary(args.warmup), **peak_memory(device), "micro_batch_rows": batch}
+
+
+def trl_dpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tok: Any,
+            texts: list[dict[str, str]]) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    fresh(device)
+    model = build_llama(args.size, device, dtype, seed=args.seed)
+    clock = StepClock(device)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = DPOConfig(**trl_common(args, device, out, args.batch), beta=0.1, loss_type=["sigmoid"])
+        trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(texts), processing_class=tok,
+                             peft_config=peft_lora())
+        run_trainer(trainer, clock)
+    return {**clock.summary(args.warmup, items_per_step=args.batch), **peak_memory(device)}
+
+
+# ------------------------------------------------------------------------------------ report
+def mfu(tokens_per_s: float, params: int, device: torch.device) -> float | None:
+    """Model FLOPs utilisation of a frozen-base adapter step: 4 x N FLOPs per token, N the weights
+    of every linear layer and the LM head (forward 2N, backward through the activations 2N; no
+    weight gradients of the base), attention not counted, over the H200's dense bf16 peak."""
+    if device.type != "cuda":
+        return None
+    return tokens_per_s * 4 * params / (H200_BF16_DENSE_TFLOPS * 1e12)
+
+
+def write(stage: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+          runs: dict[str, dict[str, Any]], lengths: dict[str, float], params: int) -> None:
+    for r in runs.values():
+        r["mfu"] = mfu(r["tokens_per_s"], params, device)
+    pairs = [("ours padded", "trl padded"), ("ours packed", "trl packed"), ("ours packed", "trl padded")]
+    ratios = {f"{a} / {b}": {"throughput": runs[a]["tokens_per_s"] / runs[b]["tokens_per_s"],
+                             **({"peak_allocated": runs[a]["peak_allocated_gib"] / runs[b]["peak_allocated_gib"]}
+                                if "peak_allocated_gib" in runs[a] else {})}
+              for a, b in pairs if a in runs and b in runs}
+    report = {"meta": {"command": command_line(), **machine_info(device), "size": args.size, "dtype": str(dtype),
+                       "batch": args.batch, "max_len": args.max_len, "steps": args.steps, "warmup": args.warmup,
+                       "median_words": args.median, "base_params": params,
+                       "trl": __import__("trl").__version__, "peft": __import__("peft").__version__},
+              "lengths": lengths, "runs": runs, "ratios": ratios}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"vs_trl_{stage}_{args.size}_{device.type}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    meta = report["meta"]
+    unit = "pairs/s" if stage == "dpo" else "rows"
+    md = [f"### {stage.upper()} against TRL {meta['trl']} (peft {meta['peft']}), Llama-like '{args.size}' "
+          f"({meta['dtype']}), LoRA r=16 all-linear ({device.type})", "", f"`{meta['command']}`", "",
+          f"Machine: {meta.get('gpu', 'cpu')}, torch={meta['torch']}, transformers={meta['transformers']}", "",
+          f"Micro-batch {args.batch} {'pairs' if stage == 'dpo' else 'rows'}, max_length {args.max_len}, "
+          f"{args.steps} steps of which the first {args.warmup} untimed; sequence lengths mean "
+          f"{lengths['mean']:.0f}, median {lengths['median']:.0f}, max {lengths['max']:.0f} tokens.", "",
+          "| run | real tokens/s | " + ("pairs/s | " if stage == "dpo" else "") +
+          "s per step | tokens per step | peak GPU alloc GiB | peak reserved GiB | MFU |",
+          "|---|---|" + ("---|" if stage == "dpo" else "") + "---|---|---|---|---|"]
+    for name, r in runs.items():
+        md.append(f"| {name} | {r['tokens_per_s']:,.0f} | " + (f"{r['pairs_per_s']:.1f} | " if stage == "dpo" else "")
+                  + f"{r['s_per_step_median']:.3f} | {r['tokens_per_step_mean']:,.0f} | "
+                  f"{r.get('peak_allocated_gib', float('nan')):.2f} | {r.get('peak_reserved_gib', float('nan')):.2f} | "
+                  + (f"{100 * r['mfu']:.1f}% |" if r["mfu"] is not None else "- |"))
+    md += ["", "| comparison | throughput ratio | peak allocated ratio |", "|---|---|---|"]
+    for name, r in ratios.items():
+        md.append(f"| {name} | {r['throughput']:.2f}x | " + (f"{r['peak_allocated']:.2f}" if "peak_allocated" in r
+                                                              else "-") + " |")
+    md += ["", f"MFU: real tokens/s x 4 x {params:,} linear-layer weights (LM head included) / "
+           f"{H200_BF16_DENSE_TFLOPS:.0f} TFLOP/s "
+           f"(dense bf16 peak); attention FLOPs not counted. Units: {unit}."]
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--stages", default="sft,dpo")
+    ap.add_argument("--runs", default="ours,trl", help="which sides: ours, trl or both")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--median", type=int, default=96, help="median words (tokens) of an SFT row; a third for pairs")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tok = word_tokenizer()
+    sides = set(args.runs.split(","))
+    # the weights a token is multiplied by: every linear layer, the LM head included (tied or not)
+    params = sum(m.weight.numel() for m in build_llama(args.size, torch.device("meta"), dtype).modules()
+                 if isinstance(m, torch.nn.Linear))
+    for stage in args.stages.split(","):
+        n = args.batch * args.steps
+        plan: dict[str, Callable[[], dict[str, Any]]] = {}
+        if stage == "sft":
+            texts = sft_texts(n, args.median, args.max_len, args.seed)
+            lens = [len(t["prompt"].split()) + len(t["completion"].split()) for t in texts]
+            mean_len = statistics.mean(lens)
+            if "ours" in sides:
+                plan["ours padded"] = lambda: ours_sft(args, device, dtype, tok, texts, packed=False)
+                plan["ours packed"] = lambda: ours_sft(args, device, dtype, tok, texts, packed=True)
+            if "trl" in sides:
+                plan["trl padded"] = lambda: trl_sft(args, device, dtype, tok, texts, False, mean_len)
+                plan["trl packed"] = lambda: trl_sft(args, device, dtype, tok, texts, True, mean_len)
+        elif stage == "dpo":
+            texts = pair_texts(n, max(2, args.median // 3), args.max_len, args.seed)
+            lens = [len(t["prompt"].split()) + len(t[s].split()) for t in texts for s in ("chosen", "rejected")]
+            if "ours" in sides:
+                plan["ours padded"] = lambda: ours_dpo(args, device, dtype, tok, texts, packed=False)
+                plan["ours packed"] = lambda: ours_dpo(args, device, dtype, tok, texts, packed=True)
+            if "trl" in sides:
+                plan["trl padded"] = lambda: trl_dpo(args, device, dtype, tok, texts)
+        else:
+            raise SystemExit(f"--stages: unknown stage {stage!r} (sft, dpo)")
+        runs = {}
+        for name, fn in plan.items():
+            print(f"[{stage}] {name} ...", flush=True)
+            runs[name] = fn()
+            print(f"[{stage}] {name}: {runs[name]}", flush=True)
+        lengths = {"mean": statistics.mean(lens), "median": statistics.median(lens), "max": max(lens)}
+        write(stage, args, device, dtype, runs, lengths, params)
+
+
+if __name__ == "__main__":
+    main()
