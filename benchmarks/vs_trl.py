@@ -7,12 +7,19 @@ both sides see the same token ids), with the same micro-batch, ``max_length``, l
 (constant), AdamW, gradient clipping at 1.0, no gradient checkpointing and no evaluation:
 
 * ours: the stages' own step, in process (no Ray: the loop a worker runs): SFT through
-  ``SFTCollator`` / ``PackedSFTCollator`` (``data.packing``) and the model's loss; DPO through
+  ``SFTCollator`` / ``PackedSFTCollator`` (``data.packing``) and the stage's loss (with
+  ``chunked_loss: auto``, on CUDA the loss without full logits of ``pipeline/lm_head_loss.py``;
+  ``--full-logits`` adds a packed run with the model's own loss); DPO through
   ``dpo.pair_terms`` over ``Roles`` (reference: the base with the adapter disabled, what TRL uses
   with a peft config), ``PairCollator`` / ``PackedPairCollator``; ``TorchBackend`` steps.
 * TRL: ``SFTTrainer`` (``packing=False``, and ``packing=True``, its best-fit-decreasing
   padding-free packing) and ``DPOTrainer`` (sigmoid loss; its padding-free mode is disabled in
   TRL 1.16), each with a ``peft.LoraConfig``; ``bf16=True`` on CUDA (its default).
+
+Each run gets a fresh process (``--same-process`` to share one): kernels autotuned, cuDNN
+attention plans built per shape and allocator blocks of an earlier run would otherwise speed up a
+later run on the same shapes. Ours pads widths to a multiple of 64 on CUDA, as the stages do
+(``data.pad_to_multiple_of: auto``); TRL pads to none (its default off Neuron).
 
 TRL's packing fills whole rows of ``max_length`` tokens from the dataset, so its packed micro-batch
 is set to about the same tokens per step as ours (``ceil(batch x mean length / max_length)``
@@ -30,6 +37,7 @@ import argparse
 import gc
 import json
 import math
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -46,8 +54,10 @@ from raypeft.adapters import LoraConfig, get_adapter_model  # noqa: E402
 from raypeft.pipeline.backends import TorchBackend  # noqa: E402
 from raypeft.pipeline.data import IGNORE_INDEX, PairCollator, SFTCollator  # noqa: E402
 from raypeft.pipeline.data.packing import PackedPairCollator, PackedSFTCollator  # noqa: E402
+from raypeft.pipeline.lm_head_loss import causal_lm_loss, enabled  # noqa: E402
 from raypeft.pipeline.roles import Roles  # noqa: E402
 from raypeft.pipeline.stages import dpo  # noqa: E402
+from raypeft.pipeline.stages.common import GPU_PAD_MULTIPLE  # noqa: E402
 
 LR = 1e-4
 WORDS = 2000  # the word-level vocabulary (ids 4.. of the model's vocabulary)
@@ -162,53 +172,59 @@ def backend_for(module: torch.nn.Module, steps: int) -> TorchBackend:
 
 # ------------------------------------------------------------------------------------- ours
 def ours_sft(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tok: Any,
-             texts: list[dict[str, str]], packed: bool) -> dict[str, Any]:
+             texts: list[dict[str, str]], packed: bool, loss: bool | str = "auto") -> dict[str, Any]:
     fresh(device)
     model = get_adapter_model(build_llama(args.size, device, dtype, seed=args.seed), lora())
     model.train()
+    chunked = enabled(loss, model, device)  # the stage's sft.chunked_loss
     rows = []
     for t in texts:
         p = tok(t["prompt"])["input_ids"]
         c = tok(t["completion"], add_special_tokens=False)["input_ids"]
         rows.append({"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c})
-    collate = PackedSFTCollator(max_tokens=args.max_len, pad_token_id=0) if packed else SFTCollator(pad_token_id=0)
+    multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else None  # the stage's data.pad_to_multiple_of: auto
+    collate = PackedSFTCollator(max_tokens=args.max_len, pad_token_id=0, pad_to_multiple_of=multiple) if packed \
+        else SFTCollator(pad_token_id=0, pad_to_multiple_of=multiple)
     backend, clock = backend_for(model, args.steps), StepClock(device)
     for step in range(args.steps):
         chunk = rows[(step * args.batch) % len(rows):][:args.batch]
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
         clock.begin()
         clock.count(sum(len(r["input_ids"]) for r in chunk))
-        backend.backward(model(**batch).loss)
+        backend.backward(causal_lm_loss(model, batch) if chunked else model(**batch).loss)
         backend.step()
         clock.end()
-    return {**clock.summary(args.warmup), **peak_memory(device)}
+    return {**clock.summary(args.warmup), **peak_memory(device), "chunked_loss": chunked}
 
 
 def ours_dpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tok: Any,
-             texts: list[dict[str, str]], packed: bool) -> dict[str, Any]:
+             texts: list[dict[str, str]], packed: bool, loss: bool | str = "auto") -> dict[str, Any]:
     fresh(device)
     roles = Roles(build_llama(args.size, device, dtype, seed=args.seed))
     roles.add(dpo.POLICY, lora(), trainable=True)
     roles.add_base(dpo.REFERENCE)
     roles.train()
+    chunked = enabled(loss, roles.model, device)  # the stage's dpo.chunked_loss
     rows = []
     for t in texts:
         p = tok(t["prompt"])["input_ids"]
         sides = {s: tok(t[s], add_special_tokens=False)["input_ids"] for s in ("chosen", "rejected")}
         rows.append({f"{s}_{k}": v for s, ids in sides.items()
                      for k, v in (("input_ids", p + ids), ("labels", [IGNORE_INDEX] * len(p) + ids))})
-    collate = PackedPairCollator(max_tokens=args.max_len, pad_token_id=0) if packed else PairCollator(pad_token_id=0)
+    multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else None  # the stage's data.pad_to_multiple_of: auto
+    collate = PackedPairCollator(max_tokens=args.max_len, pad_token_id=0, pad_to_multiple_of=multiple) if packed \
+        else PairCollator(pad_token_id=0, pad_to_multiple_of=multiple)
     backend, clock = backend_for(roles, args.steps), StepClock(device)
     for step in range(args.steps):
         chunk = rows[(step * args.batch) % len(rows):][:args.batch]
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
         clock.begin()
         clock.count(sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in chunk))
-        losses = dpo.pair_terms(roles, batch, beta=0.1, loss_type="sigmoid")[0]
+        losses = dpo.pair_terms(roles, batch, beta=0.1, loss_type="sigmoid", chunked=chunked)[0]
         backend.backward(losses.mean())
         backend.step()
         clock.end()
-    return {**clock.summary(args.warmup, items_per_step=args.batch), **peak_memory(device)}
+    return {**clock.summary(args.warmup, items_per_step=args.batch), **peak_memory(device), "chunked_loss": chunked}
 
 
 # -------------------------------------------------------------------------------------- TRL
@@ -280,7 +296,7 @@ def mfu(tokens_per_s: float, params: int, device: torch.device) -> float | None:
 
 
 def write(stage: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-          runs: dict[str, dict[str, Any]], lengths: dict[str, float], params: int) -> None:
+          runs: dict[str, dict[str, Any]], lengths: dict[str, float], params: int, failed: dict[str, str]) -> None:
     for r in runs.values():
         r["mfu"] = mfu(r["tokens_per_s"], params, device)
     pairs = [("ours padded", "trl padded"), ("ours packed", "trl packed"), ("ours packed", "trl padded")]
@@ -292,9 +308,9 @@ def write(stage: str, args: argparse.Namespace, device: torch.device, dtype: tor
                        "batch": args.batch, "max_len": args.max_len, "steps": args.steps, "warmup": args.warmup,
                        "median_words": args.median, "base_params": params,
                        "trl": __import__("trl").__version__, "peft": __import__("peft").__version__},
-              "lengths": lengths, "runs": runs, "ratios": ratios}
+              "lengths": lengths, "runs": runs, "failed": failed, "ratios": ratios}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"vs_trl_{stage}_{args.size}_{device.type}"
+    stem = RESULTS / f"vs_trl_{stage}_{args.size}{'_' + args.tag if args.tag else ''}_{device.type}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     meta = report["meta"]
     unit = "pairs/s" if stage == "dpo" else "rows"
@@ -312,6 +328,8 @@ def write(stage: str, args: argparse.Namespace, device: torch.device, dtype: tor
                   + f"{r['s_per_step_median']:.3f} | {r['tokens_per_step_mean']:,.0f} | "
                   f"{r.get('peak_allocated_gib', float('nan')):.2f} | {r.get('peak_reserved_gib', float('nan')):.2f} | "
                   + (f"{100 * r['mfu']:.1f}% |" if r["mfu"] is not None else "- |"))
+    for name, why in failed.items():
+        md.append(f"| {name} | {why} |" + " |" * (6 if stage == "dpo" else 5))
     md += ["", "| comparison | throughput ratio | peak allocated ratio |", "|---|---|---|"]
     for name, r in ratios.items():
         md.append(f"| {name} | {r['throughput']:.2f}x | " + (f"{r['peak_allocated']:.2f}" if "peak_allocated" in r
@@ -321,6 +339,38 @@ def write(stage: str, args: argparse.Namespace, device: torch.device, dtype: tor
            f"(dense bf16 peak); attention FLOPs not counted. Units: {unit}."]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
+
+
+def stage_texts(stage: str, args: argparse.Namespace) -> tuple[list[dict[str, str]], list[int]]:
+    """The stage's texts (deterministic from the arguments) and the token length of each sequence."""
+    n = args.batch * args.steps
+    if stage == "sft":
+        texts = sft_texts(n, args.median, args.max_len, args.seed)
+        return texts, [len(t["prompt"].split()) + len(t["completion"].split()) for t in texts]
+    texts = pair_texts(n, max(2, args.median // 3), args.max_len, args.seed)
+    return texts, [len(t["prompt"].split()) + len(t[s].split()) for t in texts for s in ("chosen", "rejected")]
+
+
+# name -> (function, keywords) of each run a stage can have
+RUNS: dict[str, dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any]]]] = {
+    "sft": {"ours padded": (ours_sft, {"packed": False}), "ours packed": (ours_sft, {"packed": True}),
+            "ours packed, full logits": (ours_sft, {"packed": True, "loss": False}),
+            "trl padded": (trl_sft, {"packed": False}), "trl packed": (trl_sft, {"packed": True})},
+    "dpo": {"ours padded": (ours_dpo, {"packed": False}), "ours packed": (ours_dpo, {"packed": True}),
+            "ours packed, full logits": (ours_dpo, {"packed": True, "loss": False}),
+            "trl padded": (trl_dpo, {})},
+}
+
+
+def run_one(stage: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One run, from the arguments alone (what a fresh process needs)."""
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    texts, lens = stage_texts(stage, args)
+    fn, kwargs = RUNS[stage][name]
+    if fn is trl_sft:
+        kwargs = {**kwargs, "mean_len": statistics.mean(lens)}
+    return fn(args, device, dtype, word_tokenizer(), texts, **kwargs)
 
 
 def main() -> None:
@@ -335,44 +385,41 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="", help="added to the result files' names (e.g. b64)")
+    ap.add_argument("--full-logits", action="store_true",
+                    help="also run ours packed with the full-vocabulary logits (chunked_loss: false)")
+    ap.add_argument("--same-process", action="store_true",
+                    help="run everything in this process (by default each run gets a fresh one, so that no run "
+                         "finds kernels, cuDNN plans or allocator blocks an earlier run left)")
     args = ap.parse_args()
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tok = word_tokenizer()
     sides = set(args.runs.split(","))
     # the weights a token is multiplied by: every linear layer, the LM head included (tied or not)
     params = sum(m.weight.numel() for m in build_llama(args.size, torch.device("meta"), dtype).modules()
                  if isinstance(m, torch.nn.Linear))
+    spawn = multiprocessing.get_context("spawn")
     for stage in args.stages.split(","):
-        n = args.batch * args.steps
-        plan: dict[str, Callable[[], dict[str, Any]]] = {}
-        if stage == "sft":
-            texts = sft_texts(n, args.median, args.max_len, args.seed)
-            lens = [len(t["prompt"].split()) + len(t["completion"].split()) for t in texts]
-            mean_len = statistics.mean(lens)
-            if "ours" in sides:
-                plan["ours padded"] = lambda: ours_sft(args, device, dtype, tok, texts, packed=False)
-                plan["ours packed"] = lambda: ours_sft(args, device, dtype, tok, texts, packed=True)
-            if "trl" in sides:
-                plan["trl padded"] = lambda: trl_sft(args, device, dtype, tok, texts, False, mean_len)
-                plan["trl packed"] = lambda: trl_sft(args, device, dtype, tok, texts, True, mean_len)
-        elif stage == "dpo":
-            texts = pair_texts(n, max(2, args.median // 3), args.max_len, args.seed)
-            lens = [len(t["prompt"].split()) + len(t[s].split()) for t in texts for s in ("chosen", "rejected")]
-            if "ours" in sides:
-                plan["ours padded"] = lambda: ours_dpo(args, device, dtype, tok, texts, packed=False)
-                plan["ours packed"] = lambda: ours_dpo(args, device, dtype, tok, texts, packed=True)
-            if "trl" in sides:
-                plan["trl padded"] = lambda: trl_dpo(args, device, dtype, tok, texts)
-        else:
+        if stage not in RUNS:
             raise SystemExit(f"--stages: unknown stage {stage!r} (sft, dpo)")
-        runs = {}
-        for name, fn in plan.items():
+        names = [n for n in RUNS[stage] if n.split()[0] in sides and (args.full_logits or "full logits" not in n)]
+        runs: dict[str, dict[str, Any]] = {}
+        failed: dict[str, str] = {}
+        for name in names:
             print(f"[{stage}] {name} ...", flush=True)
-            runs[name] = fn()
-            print(f"[{stage}] {name}: {runs[name]}", flush=True)
+            try:
+                if args.same_process:
+                    runs[name] = run_one(stage, name, args)
+                else:
+                    with spawn.Pool(1) as pool:
+                        runs[name] = pool.apply(run_one, (stage, name, args))
+            except torch.OutOfMemoryError as e:  # reported as such; the other runs go on
+                failed[name] = f"out of memory: {str(e).splitlines()[0][:160]}"
+                fresh(device)
+            print(f"[{stage}] {name}: {runs.get(name) or failed[name]}", flush=True)
+        _, lens = stage_texts(stage, args)
         lengths = {"mean": statistics.mean(lens), "median": statistics.median(lens), "max": max(lens)}
-        write(stage, args, device, dtype, runs, lengths, params)
+        write(stage, args, device, dtype, runs, lengths, params, failed)
 
 
 if __name__ == "__main__":

@@ -47,13 +47,14 @@ from torch import nn
 
 from raypeft.adapters import AdapterConfig, AdapterModel, get_adapter_model
 from raypeft.adapters.serialization import load_adapter_weights, save_adapter_weights
+from raypeft.pipeline.lm_head_loss import label_logprobs
 from raypeft.pipeline.rl_math import last_token_index
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 ROLES_DIR = "roles"
 
 HeadInit = Literal["file", "zero"]
-OutputKind = Literal["logits", "values", "scores"]
+OutputKind = Literal["logits", "values", "scores", "label_logprobs"]
 Request = tuple[OutputKind, str]  # (what, role)
 
 
@@ -216,27 +217,31 @@ class Roles(nn.Module):
         self._entry[:] = [] if entry is self else [entry]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                requests: tuple[Request, ...], position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """Each requested ``(kind, role)`` output for one batch, in order (kinds: logits/values/scores)."""
+                requests: tuple[Request, ...], position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Each requested ``(kind, role)`` output for one batch, in order (kinds: logits, values,
+        scores, label_logprobs)."""
         outputs = []
         for kind, role in requests:
             if kind == "logits":
                 outputs.append(self._logits(role, input_ids, attention_mask, position_ids))
             elif kind == "values":
                 outputs.append(self._values(role, input_ids, attention_mask, position_ids))
+            elif kind == "label_logprobs":
+                outputs.append(self._label_logprobs(role, input_ids, attention_mask, position_ids, labels))
             elif kind == "scores":
                 outputs.append(self._scores(role, input_ids, attention_mask))
             else:
-                raise ValueError(f"unknown role output {kind!r}; expected logits, values or scores")
+                raise ValueError(f"unknown role output {kind!r}; expected logits, values, scores or label_logprobs")
         return tuple(outputs)
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-            *requests: Request, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+            *requests: Request, position_ids: torch.Tensor | None = None,
+            labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Several role outputs from one call of the entry (one engine forward, one backward hook)."""
         entry = self._entry[0] if self._entry else self
-        if position_ids is None:
-            return entry(input_ids, attention_mask, requests=tuple(requests))
-        return entry(input_ids, attention_mask, requests=tuple(requests), position_ids=position_ids)
+        extra = {k: v for k, v in (("position_ids", position_ids), ("labels", labels)) if v is not None}
+        return entry(input_ids, attention_mask, requests=tuple(requests), **extra)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, hidden: bool,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -265,6 +270,13 @@ class Roles(nn.Module):
         """The value head of ``role`` at every position, ``[B, L]``."""
         return self.run(input_ids, attention_mask, ("values", role), position_ids=position_ids)[0]
 
+    def label_logprobs(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, L-1]`` float32 log-probabilities of the labelled next tokens under ``role`` (0 where
+        ``labels[:, 1:]`` is -100), without the full-vocabulary logits (``pipeline.lm_head_loss``)."""
+        return self.run(input_ids, attention_mask, ("label_logprobs", role), position_ids=position_ids,
+                        labels=labels)[0]
+
     def scores(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One scalar per row: the value head at the last non-padding token, ``[B]``."""
         return self.run(input_ids, attention_mask, ("scores", role))[0]
@@ -280,6 +292,16 @@ class Roles(nn.Module):
             raise ValueError(f"role {role!r} has no value head")
         with self.use(role):
             return self.heads[role](self._forward(input_ids, attention_mask, hidden=True, position_ids=position_ids))
+
+    def _label_logprobs(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            raise ValueError("label_logprobs needs the labels")
+        inputs: dict = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if position_ids is not None:  # packed: no cache, or transformers ignores the restarts
+            inputs.update(position_ids=position_ids, use_cache=False)
+        with self.use(role):
+            return label_logprobs(self.model, inputs, labels)
 
     def _scores(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if role not in self.heads:

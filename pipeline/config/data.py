@@ -51,6 +51,17 @@ class DataSpec(StrictModel):
     chat_template: str | None = None
     train_on: Literal["all", "last"] = "all"
     packing: bool = False
+    # Training batches' width rounded up to a multiple (padded and packed; SFT, reward, DPO): cuDNN's
+    # attention on GPUs builds a plan per distinct shape, which at a new width every step costs more than
+    # the padding. auto: 64 when the workers train on GPUs, none on CPU; null: none.
+    pad_to_multiple_of: int | Literal["auto"] | None = "auto"
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive_multiple(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be a positive number of tokens, 'auto' or null, got {v}")
+        return v
 
     @field_validator("prompt_template")
     @classmethod

@@ -33,6 +33,9 @@ class StageSection(StrictModel):
             raise TypeError(f"{cls.__name__}: a stage section needs the fields {', '.join(missing)}")
 
 
+ChunkedLoss = bool | Literal["auto"]  # YAML reads on/off as booleans
+
+
 class SFTSpec(StageSection):
     """Optimisation settings of the SFT stage (per worker batch size)."""
 
@@ -47,6 +50,10 @@ class SFTSpec(StageSection):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     log_every: int = Field(default=10, gt=0)
     checkpoint_every: int = Field(default=100, gt=0)
+    # The loss without the full-vocabulary logits (pipeline/lm_head_loss.py): only labelled positions
+    # projected, in chunks. true / false, or auto: on when the workers train on GPUs (where the logits'
+    # memory is what runs out), off on CPU (small vocabularies, where the chunk loop costs more than it saves).
+    chunked_loss: ChunkedLoss = "auto"
 
 
 class _PairStageSpec(StageSection):
@@ -94,6 +101,7 @@ class DPOSpec(_PairStageSpec):
     beta: float = Field(default=0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     learning_rate: float = Field(default=5e-4, gt=0)
+    chunked_loss: ChunkedLoss = "auto"  # the policy/reference log-probabilities without full logits, as SFT's
 
     @field_validator("policy_init", "reference")
     @classmethod

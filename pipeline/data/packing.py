@@ -69,13 +69,16 @@ def pack_layout(lengths: Sequence[int], max_tokens: int | None) -> list[list[int
 
 
 def _pack_sequences(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], max_tokens: int | None,
-                    pad_token_id: int) -> dict[str, torch.Tensor]:
+                    pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """``(input_ids, labels)`` sequences laid out by :func:`pack_layout`: ``input_ids``,
     ``labels`` (each sequence's first label -100), ``position_ids`` (restarting per sequence and
     for the tail padding), ``segments`` (the sequence index of each position, -1 on padding) and
-    ``ends`` (``[len(seqs), 2]``: bin and position of each sequence's last token)."""
+    ``ends`` (``[len(seqs), 2]``: bin and position of each sequence's last token). The width is
+    rounded up to ``pad_to_multiple_of`` (fewer distinct shapes for kernels that plan per shape)."""
     bins = pack_layout([len(ids) for ids, _ in seqs], max_tokens)
     width = max(sum(len(seqs[i][0]) for i in members) for members in bins)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     out = {k: torch.full((len(bins), width), v, dtype=torch.long)
            for k, v in (("input_ids", pad_token_id), ("labels", IGNORE_INDEX), ("position_ids", 0),
                         ("segments", -1))}
@@ -104,20 +107,20 @@ def _checked(ids: Sequence[int], labels: Sequence[int], what: str) -> tuple[Sequ
 
 
 def pack_rows(rows: Sequence[Mapping[str, Sequence[int]]], *, max_tokens: int | None = None,
-              pad_token_id: int = 0) -> dict[str, Any]:
+              pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> dict[str, Any]:
     """``input_ids``, ``labels`` and ``position_ids`` (each ``(bins, longest bin)``) of tokenized
     SFT rows packed by :func:`pack_layout` (``input_ids`` and ``labels`` of equal length, as a
     causal LM's are), and ``use_cache=False``: the model's keyword arguments for one forward."""
     if not rows:
         raise ValueError("pack_rows: empty batch")
     out = _pack_sequences([_checked(r["input_ids"], r["labels"], "pack_rows") for r in rows], max_tokens,
-                          pad_token_id)
+                          pad_token_id, pad_to_multiple_of)
     del out["segments"], out["ends"]
     return {**out, "use_cache": False}
 
 
 def pack_pairs(rows: Sequence[Mapping[str, Sequence[int]]], *, max_tokens: int | None = None,
-               pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+               pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """Preference pairs (``chosen_*``/``rejected_*`` ids and labels) packed like SFT rows.
 
     The ``2B`` sequences are numbered as :class:`~raypeft.pipeline.data.collate.PairCollator`
@@ -135,7 +138,7 @@ def pack_pairs(rows: Sequence[Mapping[str, Sequence[int]]], *, max_tokens: int |
             for side in ("chosen", "rejected") for r in rows]
     if any(len(ids) == 0 for ids, _ in seqs):
         raise ValueError("pack_pairs: a pair side with no tokens")
-    return _pack_sequences(seqs, max_tokens, pad_token_id)
+    return _pack_sequences(seqs, max_tokens, pad_token_id, pad_to_multiple_of)
 
 
 def sequence_sums(values: torch.Tensor, segments: torch.Tensor, count: int) -> torch.Tensor:
@@ -150,29 +153,38 @@ def at_ends(values: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     return values[ends[:, 0], ends[:, 1]]
 
 
+def _check_sizes(max_tokens: int | None, pad_to_multiple_of: int | None) -> None:
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
+
+
 class PackedSFTCollator:
     """The packing counterpart of :class:`~raypeft.pipeline.data.collate.SFTCollator`: a
     micro-batch as bins of at most ``max_tokens`` tokens (see the module docstring)."""
 
-    def __init__(self, max_tokens: int | None = None, pad_token_id: int = 0) -> None:
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        self.max_tokens = max_tokens
+    def __init__(self, max_tokens: int | None = None, pad_token_id: int = 0,
+                 pad_to_multiple_of: int | None = None) -> None:
+        _check_sizes(max_tokens, pad_to_multiple_of)
+        self.max_tokens, self.pad_to_multiple_of = max_tokens, pad_to_multiple_of
         self.pad_token_id = int(pad_token_id)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return pack_rows(rows, max_tokens=self.max_tokens, pad_token_id=self.pad_token_id)
+        return pack_rows(rows, max_tokens=self.max_tokens, pad_token_id=self.pad_token_id,
+                         pad_to_multiple_of=self.pad_to_multiple_of)
 
 
 class PackedPairCollator:
     """The packing counterpart of :class:`~raypeft.pipeline.data.collate.PairCollator` (reward,
     DPO): a micro-batch's ``2B`` sides in bins of at most ``max_tokens`` tokens (:func:`pack_pairs`)."""
 
-    def __init__(self, max_tokens: int | None = None, pad_token_id: int = 0) -> None:
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        self.max_tokens = max_tokens
+    def __init__(self, max_tokens: int | None = None, pad_token_id: int = 0,
+                 pad_to_multiple_of: int | None = None) -> None:
+        _check_sizes(max_tokens, pad_to_multiple_of)
+        self.max_tokens, self.pad_to_multiple_of = max_tokens, pad_to_multiple_of
         self.pad_token_id = int(pad_token_id)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        return pack_pairs(rows, max_tokens=self.max_tokens, pad_token_id=self.pad_token_id)
+        return pack_pairs(rows, max_tokens=self.max_tokens, pad_token_id=self.pad_token_id,
+                          pad_to_multiple_of=self.pad_to_multiple_of)

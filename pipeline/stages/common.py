@@ -140,6 +140,17 @@ def resume_folder(payload: dict[str, Any]) -> Path | None:
     return latest_checkpoint()
 
 
+GPU_PAD_MULTIPLE = 64
+
+
+def pad_multiple(cfg: RunConfig, worker: engine.Worker) -> int | None:
+    """``data.pad_to_multiple_of`` for this worker's training batches ("auto": 64 on a GPU, none on CPU)."""
+    setting = cfg.data.pad_to_multiple_of
+    if setting == "auto":
+        return GPU_PAD_MULTIPLE if worker.device.type == "cuda" else None
+    return setting
+
+
 def base_device(cfg: RunConfig, worker: engine.Worker) -> torch.device:
     """Where a worker loads the base: CPU under ZeRO-3 for a full-precision base, which the
     backend then partitions tensor by tensor (a GPU never holds it whole); else the worker's

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from raypeft.pipeline import engine, nonfinite_loss, tracking
+from raypeft.pipeline import engine, lm_head_loss, nonfinite_loss, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import DPOSpec, RunConfig
 from raypeft.pipeline.data import IGNORE_INDEX, PairCollator, count_tokens, split_pairs
@@ -51,25 +51,31 @@ def build_roles(cfg: RunConfig, base: torch.nn.Module, policy_init: str | None, 
     return roles
 
 
-def response_logprobs(roles: Roles, role: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logprobs(roles: Roles, role: str, batch: dict[str, torch.Tensor],
+                      chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each side's response tokens under ``role``, and their count, in
-    ``PairCollator`` order (a packed batch is reduced per side through its ``segments``)."""
-    logits = roles.logits(role, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))[:, :-1]
+    ``PairCollator`` order (a packed batch is reduced per side through its ``segments``);
+    ``chunked``: projecting only the response positions (``pipeline.lm_head_loss``)."""
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
-    logp = token_logprobs(logits, labels.clamp(min=0)) * mask
+    if chunked:
+        logp = roles.label_logprobs(role, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                                    batch.get("position_ids"))
+    else:
+        logits = roles.logits(role, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        logp = token_logprobs(logits[:, :-1], labels.clamp(min=0)) * mask
     if "segments" in batch:  # packed (data.packing): a label belongs to the side of the token it names
         segments, sides = batch["segments"][:, 1:], batch["ends"].shape[0]
         return sequence_sums(logp, segments, sides), sequence_sums(mask.to(logp.dtype), segments, sides).clamp(min=1)
     return logp.sum(-1), mask.sum(-1).clamp(min=1)
 
 
-def pair_terms(roles: Roles, batch: dict[str, torch.Tensor], beta: float, loss_type: str):
+def pair_terms(roles: Roles, batch: dict[str, torch.Tensor], beta: float, loss_type: str, chunked: bool = False):
     """Per-pair losses, implicit rewards (chosen, rejected) and the policy's per-token mean
     log-probabilities (chosen, rejected) of a ``PairCollator`` batch."""
-    policy, count = response_logprobs(roles, POLICY, batch)
+    policy, count = response_logprobs(roles, POLICY, batch, chunked)
     with torch.no_grad():
-        ref, _ = response_logprobs(roles, REFERENCE, batch)
+        ref, _ = response_logprobs(roles, REFERENCE, batch, chunked)
     if loss_type == "ipo":  # IPO's objective is on length-normalised log-ratios
         policy_used, ref_used = policy / count, ref / count
     else:
@@ -89,12 +95,13 @@ def evaluate(roles: Roles, dataset, collate: PairCollator | PackedPairCollator, 
     training too, when every implicit reward is 0). Rows are sharded over workers (padded rows,
     which keep ZeRO-3 workers in lockstep, are scored and left out)."""
     roles.eval()
+    chunked = lm_head_loss.enabled(cfg.dpo.chunked_loss, roles.model, worker.device)
     sums = [0.0] * 7  # loss, correct, margin, chosen, rejected, logp-correct, rows
     shard = common.eval_shard(len(dataset), worker, batch_size, backend)
     for i in range(0, len(shard), batch_size):
         ids = shard[i:i + batch_size]
         batch = common.to_device(collate([dataset[j if j is not None else 0] for j in ids]), worker.device)
-        terms = pair_terms(roles, batch, cfg.dpo.beta, cfg.dpo.loss_type)
+        terms = pair_terms(roles, batch, cfg.dpo.beta, cfg.dpo.loss_type, chunked)
         keep = torch.tensor([j is not None for j in ids], device=terms[0].device)
         losses, chosen, rejected, mean_c, mean_r = (t[keep] for t in terms)
         margin = chosen - rejected
@@ -135,6 +142,9 @@ def train_loop(payload: dict[str, Any]) -> None:
             state["rouge_before"] = common.held_out_rouge(model, tokenizer, held_out, cfg, worker, backend)
         logger.log({f"{k}_before": v for k, v in state["rouge_before"].items()}, step=0)
 
+    chunked = lm_head_loss.enabled(spec.chunked_loss, roles.model, worker.device)  # response positions only
+    if worker.is_main:
+        logger.log({"chunked_loss": float(chunked)}, step=0)
     roles.train()
     throughput = Throughput()
     started = time.perf_counter()
@@ -144,7 +154,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         epoch, within = divmod(step, steps_per_epoch)
         for ids in common.epoch_batches(len(train_set), spec.batch_size, worker, cfg.seed, epoch)[within:]:
             batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
-            losses, chosen, rejected, _, _ = pair_terms(roles, batch, spec.beta, spec.loss_type)
+            losses, chosen, rejected, _, _ = pair_terms(roles, batch, spec.beta, spec.loss_type, chunked)
             loss = losses.mean()
             nonfinite_loss.check_finite(loss, stage=NAME, step=step + 1)
             backend.backward(loss)
@@ -214,7 +224,7 @@ STAGE = Stage(
     batch=batch_shape, check_data=check_data,
     summary_metrics=("rouge", "eval_accuracy", "eval_margin", "eval_reward"),
     metrics=ROUGE_METRICS + ("train_loss", "train_accuracy", "train_margin", "reward_chosen", "reward_rejected",
-                             "epoch", "train_pairs", "eval_pairs", "truncated_pairs", "reference_is_base")
+                             "epoch", "train_pairs", "eval_pairs", "truncated_pairs", "reference_is_base", "chunked_loss")
     + before_after("eval_loss", "eval_accuracy", "eval_margin", "eval_reward_chosen", "eval_reward_rejected",
                    "eval_logp_accuracy"),
 )

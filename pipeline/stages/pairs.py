@@ -87,13 +87,15 @@ def prepare(cfg: RunConfig, stage: str, spec: Any, roles: Roles, tokenizer, work
         engine.say(f"[{stage}] resumed from step {state['step']}")
     first = {"trainable_params": n_train, "train_pairs": len(train_set), "eval_pairs": len(eval_set),
              "truncated_pairs": truncation.truncated}
-    return PairTraining(train_set, eval_set, pair_collator(cfg, tokenizer), steps_per_epoch, total, backend, state,
-                        first)
+    collate = pair_collator(cfg, tokenizer, common.pad_multiple(cfg, worker))
+    return PairTraining(train_set, eval_set, collate, steps_per_epoch, total, backend, state, first)
 
 
-def pair_collator(cfg: RunConfig, tokenizer) -> PairCollator | PackedPairCollator:
+def pair_collator(cfg: RunConfig, tokenizer, multiple: int | None) -> PairCollator | PackedPairCollator:
     """Padded pairs, or (``data.packing``) the ``2B`` sides in bins of ``data.max_length`` tokens
-    with no attention across sides; both stages reduce either back to one figure per side."""
+    with no attention across sides; both stages reduce either back to one figure per side. Widths
+    rounded up to ``multiple`` (``data.pad_to_multiple_of``)."""
     if cfg.data.packing:
-        return PackedPairCollator(max_tokens=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id)
-    return PairCollator(pad_token_id=tokenizer.pad_token_id)
+        return PackedPairCollator(max_tokens=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id,
+                                  pad_to_multiple_of=multiple)
+    return PairCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=multiple)

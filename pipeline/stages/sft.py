@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any
 
-from raypeft.pipeline import engine, nonfinite_loss, tracking
+from raypeft.pipeline import engine, lm_head_loss, nonfinite_loss, tracking
 from raypeft.pipeline.adapter_hooks import adapter_hooks
 from raypeft.pipeline.config import RunConfig, SFTSpec
 from raypeft.pipeline.conversations import chat_tokenizer, is_chat, messages_column
@@ -22,6 +22,7 @@ from raypeft.pipeline.data import SFTCollator, count_tokens, tokenize_sft
 from raypeft.pipeline.data.chat_rows import tokenize_chat_sft
 from raypeft.pipeline.data.packing import PackedSFTCollator
 from raypeft.pipeline.inputs import sft_rows
+from raypeft.pipeline.lm_head_loss import causal_lm_loss
 from raypeft.pipeline.modeling import attach_adapter, load_base_model, load_tokenizer
 from raypeft.pipeline.preflight_checks import Warn, report_truncation
 from raypeft.pipeline.resources import Throughput, reset_gpu_peaks
@@ -57,8 +58,10 @@ def train_loop(payload: dict[str, Any]) -> None:
     train_rows, held_out = sft_rows(cfg)
     train_set, truncation = tokenized_sft(cfg, train_rows, tokenizer)
     # Packed: a micro-batch's rows side by side in bins of data.max_length tokens (pipeline/data/packing.py).
-    collate = PackedSFTCollator(max_tokens=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id) \
-        if cfg.data.packing else SFTCollator(pad_token_id=tokenizer.pad_token_id)
+    multiple = common.pad_multiple(cfg, worker)
+    collate = PackedSFTCollator(max_tokens=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id,
+                                pad_to_multiple_of=multiple) if cfg.data.packing \
+        else SFTCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=multiple)
 
     s = cfg.sft
     micro_per_epoch = len(common.epoch_batches(len(train_set), s.batch_size, worker, cfg.seed, 0))
@@ -86,6 +89,9 @@ def train_loop(payload: dict[str, Any]) -> None:
         state["rouge_before"] = common.held_out_rouge(model, tokenizer, held_out, cfg, worker, backend)
         logger.log({f"{k}_before": v for k, v in state["rouge_before"].items()}, step=0)
 
+    chunked = lm_head_loss.enabled(s.chunked_loss, model, worker.device)  # labelled positions only, in chunks
+    if worker.is_main:
+        logger.log({"chunked_loss": float(chunked)}, step=0)
     model.train()
     throughput = Throughput()
     started = time.perf_counter()
@@ -99,7 +105,9 @@ def train_loop(payload: dict[str, Any]) -> None:
             for ids in group:
                 rows = [train_set[j] for j in ids]
                 batch = common.to_device(collate(rows), worker.device)
-                loss = (backend.module(**batch, **hooks.inputs(ids)).loss + hooks.loss_extra()) / len(group)
+                inputs = {**batch, **hooks.inputs(ids)}
+                loss = causal_lm_loss(backend.module, inputs) if chunked else backend.module(**inputs).loss
+                loss = (loss + hooks.loss_extra()) / len(group)
                 nonfinite_loss.check_finite(loss, stage=NAME, step=step + 1)
                 backend.backward(loss)
                 loss_window.append(loss.item() * len(group))
@@ -160,5 +168,5 @@ def check_data(cfg: RunConfig, tokenizer: Any, warn: Warn) -> None:
 STAGE = Stage(
     name=NAME, section=SFTSpec, train_loop=train_loop, inputs=(AdapterInput("init", "adapter.init_from"),),
     batch=batch_shape, check_data=check_data, summary_metrics=("rouge",), causal_lm_only=False,
-    metrics=ROUGE_METRICS + ("train_loss", "epoch", "train_rows", "truncated_rows"),
+    metrics=ROUGE_METRICS + ("train_loss", "epoch", "train_rows", "truncated_rows", "chunked_loss"),
 )

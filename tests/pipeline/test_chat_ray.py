@@ -26,7 +26,7 @@ TINY = [
     "eval.max_rows=4", "eval.max_new_tokens=4", "eval.batch_size=4",
     "reward.max_steps=2", "reward.batch_size=4", "reward.log_every=1", "reward.data.max_train_rows=16",
     "reward.data.max_eval_rows=8",
-    "dpo.max_steps=2", "dpo.batch_size=4", "dpo.log_every=1", "dpo.data.max_train_rows=16", "dpo.data.max_eval_rows=8",
+    "dpo.max_steps=2", "dpo.chunked_loss=true", "dpo.batch_size=4", "dpo.log_every=1", "dpo.data.max_train_rows=16", "dpo.data.max_eval_rows=8",
     "ppo.max_steps=1", "ppo.rollout_batch_size=4", "ppo.ppo_epochs=1", "ppo.generation.max_new_tokens=6",
     "ppo.eval_prompts=4", "ppo.data.max_rows=12",
     "grpo.max_steps=1", "grpo.num_generations=2", "grpo.prompts_per_step=2", "grpo.generation.max_new_tokens=6",
@@ -68,5 +68,6 @@ def test_every_stage_runs_on_conversations(tmp_path: Path) -> None:
             assert key in metrics[stage] and math.isfinite(metrics[stage][key]), (stage, key)
     # packed SFT: one padding-free row per micro-batch of 8 conversations, all tokens real
     assert metrics["sft"]["train_rows"] == 32
+    assert metrics["dpo"]["chunked_loss"] == 1.0  # packed pairs, response positions projected in chunks
     for stage in outcomes:
         assert (cfg.output_path() / stage / "adapter" / "adapter_model.safetensors").is_file(), stage

@@ -144,3 +144,34 @@ def test_dpo_terms_and_gradients_packed_equal_padded(loss_type):
     assert g0.keys() == g1.keys() and g0 and all(f".{dpo.POLICY}." in n for n in g0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-9, atol=1e-12)
+
+
+def test_widths_rounded_to_a_multiple_change_no_figure():
+    """``data.pad_to_multiple_of``: wider rows of padding (its own block when packed, masked when
+    padded), the same per-side scores and SFT loss."""
+    from raypeft.pipeline.data import SFTCollator
+    from raypeft.pipeline.data.packing import PackedSFTCollator
+
+    roles = Roles(_base("sdpa"))
+    roles.add(reward.ROLE, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), trainable=True,
+              value_head="zero")
+    roles = _randomise(roles)
+    rows = _pairs()
+    with torch.no_grad():
+        for make in (lambda m: PairCollator(pad_token_id=0, pad_to_multiple_of=m),
+                     lambda m: PackedPairCollator(max_tokens=40, pad_token_id=0, pad_to_multiple_of=m)):
+            plain, rounded = make(None)(rows), make(16)(rows)
+            width, before = rounded["input_ids"].shape[1], plain["input_ids"].shape[1]
+            assert width % 16 == 0 and width > before
+            for a, b in zip(reward.pair_scores(roles, rounded), reward.pair_scores(roles, plain)):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        sft_rows = [{"input_ids": r["chosen_input_ids"], "labels": r["chosen_labels"]} for r in rows]
+        model = roles.model
+        for make in (lambda m: SFTCollator(pad_token_id=0, pad_to_multiple_of=m),
+                     lambda m: PackedSFTCollator(max_tokens=40, pad_token_id=0, pad_to_multiple_of=m)):
+            plain, rounded = make(None)(sft_rows), make(16)(sft_rows)
+            assert rounded["input_ids"].shape[1] % 16 == 0
+            # transformers' loss is float32 whatever the model's dtype
+            torch.testing.assert_close(model(**rounded).loss, model(**plain).loss, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be positive"):
+        PackedPairCollator(pad_to_multiple_of=0)

@@ -1,0 +1,135 @@
+"""The causal-LM loss without the full-vocabulary logits.
+
+Why: a transformers causal LM asked for its loss first projects every position through the LM
+head and upcasts the logits to float32 for the cross-entropy. With a 128k vocabulary a micro-batch
+of 16 x 1024 positions is 2.1e9 logits: 4 GiB in bf16, 8 GiB more in float32, and their gradient
+again, most of it for prompt and padding positions that carry no label. On an H200 that made our
+padded 1B SFT step peak at 52 GiB where TRL's (which projects only labelled positions, in tiles)
+peaks at 34 (``benchmarks/results/vs_trl_sft_1b_cuda.md``, before this module).
+
+How: the model runs with ``logits_to_keep=1`` (its own head projects one position) and returns
+its final hidden states; only the positions whose next token is labelled are gathered, and they
+go through the LM head in chunks of ``chunk`` rows, each chunk's float32 cross-entropy under
+activation checkpointing, so that one chunk's logits exist at a time in the forward and again in
+the backward (the head's matmul is recomputed, a cost of ``chunk x hidden x vocab`` FLOPs per
+chunk, small beside what the skipped positions save). The mean over labelled tokens is the
+model's own loss (``tests/pipeline/test_lm_head_loss.py``: loss and gradients against
+``model(**batch).loss``, padded and packed, LoRA and a virtual-token method).
+
+The LM head is called as a module, so an adapter on it, and DeepSpeed ZeRO-3's gathering of its
+partitioned weight, apply as in the model's forward. Models whose logits are more than the head's
+output (a final soft-cap, a logit scale) or that take no ``logits_to_keep`` (encoder-decoders) use
+the model's own loss: :func:`supports` says which.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from raypeft.pipeline.data import IGNORE_INDEX
+
+DEFAULT_CHUNK = 1024
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a DeepSpeed engine and/or an ``AdapterModel``."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether :func:`causal_lm_loss` computes ``model``'s loss: a decoder-only LM whose logits
+    are its output embedding's output, and whose forward takes ``logits_to_keep``."""
+    lm = _transformers_model(model)
+    config = getattr(lm, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "final_logit_softcapping", None) or getattr(text, "logit_scale", 1.0) not in (None, 1.0):
+        return False
+    if not hasattr(lm, "get_output_embeddings") or lm.get_output_embeddings() is None:
+        return False
+    try:
+        return "logits_to_keep" in inspect.signature(lm.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least, as the model's loss
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_logits(head, hidden), targets, reduction="sum")
+
+
+def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(_logits(head, hidden), targets, reduction="none")
+
+
+def _labelled(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
+    """The final hidden states of the positions whose next token is labelled, those tokens, the
+    ``[B, T-1]`` mask of them, and the whole last hidden state (one forward, ``logits_to_keep=1``)."""
+    out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+    # virtual-token adapters prepend positions: keep the ones aligned with the labels
+    hidden = out.hidden_states[-1][:, -labels.shape[1]:]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return hidden[:, :-1][keep], targets[keep], keep, hidden
+
+
+def _chunked(fn: Any, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    """``fn`` over ``chunk``-row pieces, each under activation checkpointing when it builds a graph.
+
+    Re-entrant checkpointing: the recompute calls the head as a module again inside the backward,
+    where DeepSpeed ZeRO-3's hooks gather its partitioned weight for it; the non-re-entrant kind
+    checks the recomputed tensors against the saved ones and finds the released partition
+    (``tests/pipeline/test_deepspeed_stages_ray.py`` runs it under ZeRO-3 offload)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    pieces = []
+    for start in range(0, targets.numel(), chunk):
+        args = (head, hidden[start:start + chunk], targets[start:start + chunk])
+        grad = torch.is_grad_enabled() and args[1].requires_grad
+        pieces.append(checkpoint(fn, *args, use_reentrant=True) if grad else fn(*args))
+    return pieces
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, Any], *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """The mean next-token cross-entropy over the labelled tokens of ``batch`` (``labels`` with
+    -100 where there is none, as for ``model(**batch).loss``), projecting only those positions."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    chosen, targets, _, hidden = _labelled(model, inputs, batch["labels"])
+    if targets.numel() == 0:
+        return hidden.sum() * 0.0  # nothing labelled: a zero that still reaches every trainable weight
+    head = _transformers_model(model).get_output_embeddings()
+    return torch.stack(_chunked(_chunk_loss, head, chosen, targets, chunk)).sum() / targets.numel()
+
+
+def label_logprobs(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, *,
+                   chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """``[B, T-1]``: the (at least float32) log-probability of each labelled next token (``labels[:, 1:]``)
+    and 0 where there is no label, what ``token_logprobs(logits[:, :-1], labels[:, 1:]) * mask``
+    gives from the full logits, projecting only the labelled positions."""
+    chosen, targets, keep, hidden = _labelled(model, inputs, labels)
+    out = hidden.new_zeros(keep.shape, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    if targets.numel() == 0:
+        return out + hidden.sum() * 0.0
+    head = _transformers_model(model).get_output_embeddings()
+    return out.masked_scatter(keep, torch.cat(_chunked(_chunk_logprobs, head, chosen, targets, chunk)))
+
+
+def enabled(setting: bool | str, model: nn.Module, device: torch.device) -> bool:
+    """Whether a stage's ``chunked_loss`` setting (true / false / "auto") uses :func:`causal_lm_loss`
+    for ``model`` on ``device``: auto is on for CUDA workers; a model :func:`supports` refuses always
+    falls back to its own loss."""
+    if setting is False or not supports(model):
+        return False
+    return setting is True or device.type == "cuda"
