@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from raypeft.pipeline.data import IGNORE_INDEX
+from raypeft.pipeline.rl_math.tokens import at_least_float32
 
 DEFAULT_CHUNK = 1024
 
@@ -61,17 +62,12 @@ def supports(model: nn.Module) -> bool:
         return False
 
 
-def _logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden)
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least, as the model's loss
-
-
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_logits(head, hidden), targets, reduction="sum")
+    return F.cross_entropy(at_least_float32(head(hidden)), targets, reduction="sum")
 
 
 def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -F.cross_entropy(_logits(head, hidden), targets, reduction="none")
+    return -F.cross_entropy(at_least_float32(head(hidden)), targets, reduction="none")
 
 
 def _labelled(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):

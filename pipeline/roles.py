@@ -245,14 +245,12 @@ class Roles(nn.Module):
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, hidden: bool,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        kwargs: dict = {}
-        if position_ids is not None:  # packed: no cache, or transformers ignores the restarts
-            kwargs.update(position_ids=position_ids, use_cache=False)
+        kwargs = _model_inputs(input_ids, attention_mask, position_ids)
         if hidden:
             kwargs["output_hidden_states"] = True
             if _accepts(self._base_module(), "logits_to_keep"):
                 kwargs["logits_to_keep"] = 1  # the value head needs no vocabulary projection
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out = self.model(**kwargs)
         n = input_ids.shape[1]
         # Virtual-token adapters prepend positions: keep the ones aligned with input_ids.
         if hidden:
@@ -297,11 +295,8 @@ class Roles(nn.Module):
                         position_ids: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor:
         if labels is None:
             raise ValueError("label_logprobs needs the labels")
-        inputs: dict = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if position_ids is not None:  # packed: no cache, or transformers ignores the restarts
-            inputs.update(position_ids=position_ids, use_cache=False)
         with self.use(role):
-            return label_logprobs(self.model, inputs, labels)
+            return label_logprobs(self.model, _model_inputs(input_ids, attention_mask, position_ids), labels)
 
     def _scores(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if role not in self.heads:
@@ -370,6 +365,16 @@ class Roles(nn.Module):
         census["base_params"] = len(base_found)
         census["base_missing"] = len(self._base_param_ids) - len(base_found)
         return census
+
+
+def _model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None) -> dict:
+    """The model's keyword arguments for one batch; a packed one (``position_ids``) runs without a
+    cache, or transformers would not read the sequence boundaries off the restarting positions."""
+    inputs: dict = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs.update(position_ids=position_ids, use_cache=False)
+    return inputs
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
