@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf_common import RESULTS, alternate, build_llama, command_line, machine_info, pick_device  # noqa: E402
+from perf_common import (RESULTS, alternate, build_llama, command_line, machine_info, machine_line,  # noqa: E402
+                         pick_device)
 
 from raypeft.adapters import LoraConfig  # noqa: E402
 from raypeft.pipeline.data import IGNORE_INDEX, PairCollator  # noqa: E402
@@ -154,9 +155,7 @@ def main() -> None:
     meta, lengths = report["meta"], report["side_lengths"]
     md = [f"### Reward and DPO packing, Llama-like '{args.size}' ({meta['dtype']}, LoRA r=8 all-linear) "
           f"({device.type})", "", f"`{meta['command']}`", "",
-          f"Machine: cpu_count={meta['cpu_count']}, torch_threads={meta['torch_threads']}, torch={meta['torch']}, "
-          f"transformers={meta['transformers']}; load average at start "
-          f"{tuple(round(x, 1) for x in meta['load_average_at_start'])}", "",
+          machine_line(meta), "",
           f"{len(rows)} pairs in batches of {args.batch}; side lengths (prompt + response) median {lengths['median']}, "
           f"mean {lengths['mean']:.0f}, p90 {lengths['p90']}, max {lengths['max']}.", "",
           "| stage | layout | real tokens/s | pairs/s | vs padded | padding computed | peak GPU GiB | "

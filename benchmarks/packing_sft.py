@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf_common import RESULTS, alternate, build_llama, command_line, machine_info, pick_device  # noqa: E402
+from perf_common import (RESULTS, alternate, build_llama, command_line, machine_info, machine_line,  # noqa: E402
+                         pick_device)
 
 from raypeft.adapters import LoraConfig, get_adapter_model  # noqa: E402
 from raypeft.pipeline.data import IGNORE_INDEX, SFTCollator  # noqa: E402
@@ -114,9 +115,7 @@ def main() -> None:
     meta = report["meta"]
     md = [f"### SFT packing, Llama-like '{args.size}' ({meta['dtype']}, LoRA r=8 all-linear) ({device.type})", "",
           f"`{meta['command']}`", "",
-          f"Machine: cpu_count={meta['cpu_count']}, torch_threads={meta['torch_threads']}, torch={meta['torch']}, "
-          f"transformers={meta['transformers']}; load average at start {tuple(round(x, 1) for x in meta['load_average_at_start'])}",
-          "",
+          machine_line(meta), "",
           f"Rows: {len(rows)} in batches of {args.batch}; lengths log-normal, median {report['lengths']['median']}, "
           f"mean {report['lengths']['mean']:.0f}, p90 {report['lengths']['p90']}, max {report['lengths']['max']}.", "",
           "| layout | real tokens/s | vs padded | padding computed | s per pass |", "|---|---|---|---|---|"]

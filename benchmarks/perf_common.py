@@ -241,21 +241,20 @@ class Report:
         }
         (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
         lines = [f"### {self.title} ({self.device.type})", "", f"`{command_line()}`", ""]
-        lines.append(
-            "Machine: "
-            + ", ".join(
-                f"{k}={info[k]}"
-                for k in ("gpu", "cpu", "cpu_count", "torch_threads", "torch", "transformers", "peft", "cuda")
-                if k in info
-            )
-            + f"; load average at start {tuple(round(x, 1) for x in info['load_average_at_start'])}"
-        )
+        lines.append(machine_line(info))
         lines += ["", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
         lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in self.rows]
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
         (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
         return RESULTS / f"{stem}.md"
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """The ``Machine: ...`` line of a result file, from :func:`machine_info`'s keys."""
+    keys = ("gpu", "cpu", "cpu_count", "torch_threads", "torch", "transformers", "peft", "cuda")
+    return ("Machine: " + ", ".join(f"{k}={info[k]}" for k in keys if k in info)
+            + f"; load average at start {tuple(round(x, 1) for x in info['load_average_at_start'])}")
 
 
 def _fmt(value: Any) -> str:

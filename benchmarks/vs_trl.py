@@ -27,6 +27,7 @@ rows); everything is reported per real (non-padding) token. Timed: the steps aft
 each synchronised; tokens counted at the model's forward with gradients on. Peak GPU memory is
 reset before each run. Writes ``benchmarks/results/vs_trl_<stage>_<size>_<device>.json`` / ``.md``.
 
+    pip install trl peft                                             # references only, never raypeft's dependencies
     python benchmarks/vs_trl.py --stages sft,dpo                     # CPU smoke run, tiny Llama
     python benchmarks/vs_trl.py --device cuda --size 1b --batch 16 --max-len 1024 --steps 30
 """
@@ -48,7 +49,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf_common import RESULTS, build_llama, command_line, machine_info, pick_device, sync  # noqa: E402
+from perf_common import RESULTS, build_llama, command_line, machine_info, machine_line, pick_device, sync  # noqa: E402
 
 from raypeft.adapters import LoraConfig, get_adapter_model  # noqa: E402
 from raypeft.pipeline.backends import TorchBackend  # noqa: E402
@@ -187,7 +188,7 @@ def ours_sft(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
         else SFTCollator(pad_token_id=0, pad_to_multiple_of=multiple)
     backend, clock = backend_for(model, args.steps), StepClock(device)
     for step in range(args.steps):
-        chunk = rows[(step * args.batch) % len(rows):][:args.batch]
+        chunk = rows[step * args.batch:(step + 1) * args.batch]
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
         clock.begin()
         clock.count(sum(len(r["input_ids"]) for r in chunk))
@@ -216,7 +217,7 @@ def ours_dpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
         else PairCollator(pad_token_id=0, pad_to_multiple_of=multiple)
     backend, clock = backend_for(roles, args.steps), StepClock(device)
     for step in range(args.steps):
-        chunk = rows[(step * args.batch) % len(rows):][:args.batch]
+        chunk = rows[step * args.batch:(step + 1) * args.batch]
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
         clock.begin()
         clock.count(sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in chunk))
@@ -316,7 +317,7 @@ def write(stage: str, args: argparse.Namespace, device: torch.device, dtype: tor
     unit = "pairs/s" if stage == "dpo" else "rows"
     md = [f"### {stage.upper()} against TRL {meta['trl']} (peft {meta['peft']}), Llama-like '{args.size}' "
           f"({meta['dtype']}), LoRA r=16 all-linear ({device.type})", "", f"`{meta['command']}`", "",
-          f"Machine: {meta.get('gpu', 'cpu')}, torch={meta['torch']}, transformers={meta['transformers']}", "",
+          machine_line(meta), "",
           f"Micro-batch {args.batch} {'pairs' if stage == 'dpo' else 'rows'}, max_length {args.max_len}, "
           f"{args.steps} steps of which the first {args.warmup} untimed; sequence lengths mean "
           f"{lengths['mean']:.0f}, median {lengths['median']:.0f}, max {lengths['max']:.0f} tokens.", "",
