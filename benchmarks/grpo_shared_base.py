@@ -53,7 +53,8 @@ def grpo_roles(base: torch.nn.Module, rank: int):
     return roles.eval()
 
 
-def grpo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, seed: int) -> list[dict]:
+def grpo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, seed: int,
+               chunked: bool = False) -> list[dict]:
     from raypeft.pipeline import group_rollout, rollout
     from raypeft.pipeline.rewards.scoring import RewardScores
     from raypeft.pipeline.rollout_engine import RolloutEngine
@@ -74,7 +75,8 @@ def grpo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, 
         chunk = max(1, ro.input_ids.shape[0] // spec.minibatches)
         group_rollout.score_tokens(roles, ro, chunk=chunk, temperature=spec.generation.temperature,
                                    policy=grpo.POLICY if need_old else None,
-                                   reference=grpo.REFERENCE if need_ref else None, reward=grpo.REWARD)
+                                   reference=grpo.REFERENCE if need_ref else None, reward=grpo.REWARD,
+                                   chunked=chunked)
         n = ro.input_ids.shape[0]
         total = ro.scores.detach().double().cpu()
         scores = RewardScores({"reward_model": total.tolist()}, total, torch.ones(n, dtype=torch.bool))
@@ -82,7 +84,8 @@ def grpo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, 
         sync(device)
         t2 = time.perf_counter()
         generator = torch.Generator().manual_seed(seed * 1000 + step * 7919)
-        sums = grpo.update(roles, ro, kept.keep_rows.to(ro.mask.device), spec, backend, generator, 1, step=step + 1)
+        sums = grpo.update(roles, ro, kept.keep_rows.to(ro.mask.device), spec, backend, generator, 1, step=step + 1,
+                           chunked=chunked)
         sync(device)
         t3 = time.perf_counter()
         tokens = int(ro.attention_mask.sum().item())
@@ -103,6 +106,7 @@ def mean(steps: list[dict], key: str) -> float:
 
 
 def main() -> None:
+    from raypeft.pipeline import lm_head_loss
     from raypeft.pipeline.backends import TorchBackend
     from raypeft.pipeline.config import parse_config
     from raypeft.pipeline.stages import grpo
@@ -120,6 +124,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=None,
                         help="override the MLP width (CPU dry runs: bitsandbytes' CPU kernel wants multiples of 64)")
     parser.add_argument("--suffix", default="")
+    parser.add_argument("--chunked-loss", default="auto",
+                        help="grpo.chunked_loss of the engine run (true/false/auto; the default path: false)")
     parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                         help="also time the steps with these grpo.generation engine settings (repeatable)")
     args = parser.parse_args()
@@ -152,25 +158,26 @@ def main() -> None:
         f"x {args.generations} completions, {args.prompt_len}-token prompts, {args.new_tokens} new tokens, "
         f"{spec.minibatches} minibatches, 1 epoch, KL coef {spec.kl.coef}; means over steps 2..{args.steps}")
 
-    runs = [("default generation path", {})]
+    chunked = lm_head_loss.enabled(yaml.safe_load(args.chunked_loss), roles.model, device)
+    runs = [("default generation path, full logits", {}, False)]
     if args.engine:
-        runs.append((f"rollout engine ({', '.join(args.engine)})",
-                     {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.engine)}))
+        runs.append((f"rollout engine ({', '.join(args.engine + [f'chunked_loss={str(chunked).lower()}'])})",
+                     {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.engine)}, chunked))
     seconds = {}
-    for label, levers in runs:
+    for label, levers, chunks in runs:
         run_spec = spec.model_copy(update={"generation": spec.generation.model_copy(update=levers)})
         reset(device)
-        steps = grpo_steps(roles, run_spec, backend, prompts, args.steps, device, seed=0)
+        steps = grpo_steps(roles, run_spec, backend, prompts, args.steps, device, seed=0, chunked=chunks)
         p = peaks(device)
         seconds[label] = mean(steps, "seconds")
         report.add([label, seconds[label], mean(steps, "generate_s"), mean(steps, "score_s"), mean(steps, "update_s"),
                     mean(steps, "tokens_per_s"), p.get("peak_allocated_gib", float("nan")),
                     p.get("peak_reserved_gib", float("nan"))],
-                   {"path": label, "engine": levers, "steps": steps, **p})
+                   {"path": label, "engine": levers, "chunked_loss": chunks, "steps": steps, **p})
     if len(runs) == 2:
         report.notes.append(f"rollout engine: {seconds[runs[0][0]] / seconds[runs[1][0]]:.2f}x faster per GRPO step "
-                            "than the default generation path in the same run (the engine's steps continue from the "
-                            "policy the default path's steps left)")
+                            "than the default generation path with full-vocabulary logits (today's path) in the same "
+                            "run (the engine's steps continue from the policy the default path's steps left)")
     report.write()
 
 

@@ -91,7 +91,8 @@ def bytes_on(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def ppo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, seed: int) -> list[dict]:
+def ppo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, seed: int,
+              chunked: bool = False) -> list[dict]:
     from raypeft.pipeline.rl_math import RunningMoments
     from raypeft.pipeline.rollout_engine import RolloutEngine
     from raypeft.pipeline.stages import ppo
@@ -106,11 +107,11 @@ def ppo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, s
         t0 = time.perf_counter()
         torch.manual_seed(seed * 1000 + step)
         ro = ppo.make_rollout(roles, prompts, spec, tokenizer, chunk=spec.rollout_batch_size // spec.minibatches,
-                              rollout_engine=engine)
+                              rollout_engine=engine, chunked=chunked)
         ppo.update_score_moments(moments, ppo.penalised_scores(ro, spec))
         ppo.add_advantages(ro, spec, spec.kl.coef, moments)
         stats = ppo.rollout_stats(ro, spec.kl.coef)
-        update = ppo.ppo_update(roles, ro, spec, backend, generator)
+        update = ppo.ppo_update(roles, ro, spec, backend, generator, chunked=chunked)
         sync(device)
         seconds = time.perf_counter() - t0
         tokens = int(ro.attention_mask.sum().item())
@@ -140,6 +141,7 @@ def reset(device: torch.device) -> None:
 
 
 def main() -> None:
+    from raypeft.pipeline import lm_head_loss
     from raypeft.pipeline.backends import TorchBackend
     from raypeft.pipeline.config import parse_config
     from raypeft.pipeline.stages import ppo
@@ -157,6 +159,8 @@ def main() -> None:
                         help="override the MLP width (CPU dry runs: bitsandbytes' CPU kernel wants multiples of 64)")
     parser.add_argument("--dtype", default=None, help="base dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--suffix", default="")
+    parser.add_argument("--chunked-loss", default="auto",
+                        help="ppo.chunked_loss of the engine run (true/false/auto; the default path: false)")
     parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                         help="also time the shared-base steps with these ppo.generation engine settings "
                              "(repeatable; e.g. fold_adapter=true cache=static compile=true)")
@@ -212,17 +216,21 @@ def main() -> None:
         levers = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.engine)}
         fast = spec.model_copy(update={"generation": spec.generation.model_copy(update=levers)})
         reset(device)
-        steps = ppo_steps(roles, fast, backend, prompts, args.steps, device, seed=0)
+        chunked = lm_head_loss.enabled(yaml.safe_load(args.chunked_loss), roles.model, device)
+        steps = ppo_steps(roles, fast, backend, prompts, args.steps, device, seed=0, chunked=chunked)
         fast_peaks = peaks(device)
         timed = steps[1:] or steps
         fast_s = sum(s["seconds"] for s in timed) / len(timed)
-        report.add([f"shared base, rollout engine ({', '.join(args.engine)})", 1,
+        label = ", ".join(args.engine + [f"chunked_loss={str(chunked).lower()}"])
+        report.add([f"shared base, rollout engine ({label})", 1,
                     fast_peaks.get("peak_allocated_gib", float("nan")), fast_peaks.get("peak_reserved_gib", float("nan")),
                     base_bytes / GIB, fast_s, sum(s["tokens_per_s"] for s in timed) / len(timed)],
-                   {"layout": "shared_engine", "engine": levers, "steps": steps, **fast_peaks})
-        report.notes.append(f"rollout engine ({', '.join(args.engine)}): {mean_s / fast_s:.2f}x faster per PPO step "
-                            "than the default generation path in the same run (first step excluded: compile; the engine's steps "
-                             "continue from the policy the default path's steps left)")
+                   {"layout": "shared_engine", "engine": levers, "chunked_loss": chunked, "steps": steps,
+                    **fast_peaks})
+        report.notes.append(f"rollout engine ({label}): {mean_s / fast_s:.2f}x faster per PPO step than the default "
+                            "generation path with full-vocabulary logits (today's path) in the same run (first step "
+                            "excluded: compile; the engine's steps continue from the policy the default path's steps "
+                            "left)")
 
     if not args.no_copies:
         copies = []

@@ -1,4 +1,4 @@
-"""SFT and DPO throughput against TRL's trainers on the same model, data and settings, in one process.
+"""SFT, DPO and GRPO throughput against TRL's trainers on the same model, data and settings.
 
 Both sides train a LoRA adapter (r=16, alpha 32, all linear layers, no dropout) on a Llama built
 from a config (random weights; ``perf_common.llama_config``), from the same texts of long-tailed
@@ -12,6 +12,18 @@ both sides see the same token ids), with the same micro-batch, ``max_length``, l
   ``--full-logits`` adds a packed run with the model's own loss); DPO through
   ``dpo.pair_terms`` over ``Roles`` (reference: the base with the adapter disabled, what TRL uses
   with a peft config), ``PairCollator`` / ``PackedPairCollator``; ``TorchBackend`` steps.
+* GRPO, ours: the stage's own step (``grpo.rollout_step``: sampling through the stage's
+  ``RolloutEngine``, the sampling policy's and the reference's log-probs, the reward; then
+  ``grpo.compute_advantages`` and ``grpo.update``, ``minibatches`` optimiser steps), once with the
+  default generation path (Hugging Face ``generate``, unmerged adapter, dynamic cache) and once
+  with the engine's levers (``--engine``, default ``fold_adapter``, ``compile``, ``decode_loop:
+  own``); TRL: ``GRPOTrainer`` with its Hugging Face ``generate`` path (no vLLM), ``beta`` 0.04
+  (the reference: the base with the adapter disabled), ``steps_per_generation`` = our
+  ``minibatches``, so that both sample ``--prompts`` x ``--generations`` completions of
+  ``--new-tokens`` tokens, score them once and take ``minibatches`` optimiser steps on them. The
+  reward on both sides is one cheap function of the decoded text (:func:`distinct_words`); a
+  random model's text says nothing, and the reward's cost is not what is compared. A GRPO step
+  is one such cycle (two TRL optimiser steps with the default two minibatches).
 * TRL: ``SFTTrainer`` (``packing=False``, and ``packing=True``, its best-fit-decreasing
   padding-free packing) and ``DPOTrainer`` (sigmoid loss; its padding-free mode is disabled in
   TRL 1.16), each with a ``peft.LoraConfig``; ``bf16=True`` on CUDA (its default).
@@ -30,11 +42,13 @@ reset before each run. Writes ``benchmarks/results/vs_trl_<stage>_<size>_<device
     pip install trl peft                                             # references only, never raypeft's dependencies
     python benchmarks/vs_trl.py --stages sft,dpo                     # CPU smoke run, tiny Llama
     python benchmarks/vs_trl.py --device cuda --size 1b --batch 16 --max-len 1024 --steps 30
+    python benchmarks/vs_trl.py --device cuda --size 1b --stages grpo --steps 6 --warmup 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -96,6 +110,17 @@ def sft_texts(n: int, median: int, max_len: int, seed: int) -> list[dict[str, st
     return rows
 
 
+def prompt_texts(n: int, median: int, max_len: int, seed: int) -> list[dict[str, str]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt": words(k, g)} for k in lognormal_lengths(n, median, 4, max_len, g)]
+
+
+def distinct_words(completions: list[str], **_: Any) -> list[float]:
+    """The GRPO reward on both sides: the share of distinct words in each completion (TRL's and our
+    reward-function signature alike)."""
+    return [len(set(c.split())) / max(1, len(c.split())) for c in completions]
+
+
 def pair_texts(n: int, median: int, max_len: int, seed: int) -> list[dict[str, str]]:
     g = torch.Generator().manual_seed(seed)
     third = max_len // 3 - 2
@@ -110,6 +135,7 @@ class StepClock:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.times, self.tokens, self._t0, self._tok = device, [], [], 0.0, 0
+        self.marks: list[float] = []  # seconds into a step at which a phase ended (GRPO: the rollout)
 
     def begin(self) -> None:
         sync(self.device)
@@ -228,6 +254,112 @@ def ours_dpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
     return {**clock.summary(args.warmup, items_per_step=args.batch), **peak_memory(device), "chunked_loss": chunked}
 
 
+def grpo_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"prompts_per_step": args.prompts, "num_generations": args.generations, "minibatches": args.minibatches,
+            "learning_rate": LR, "max_grad_norm": 1.0, "loss_normalisation": "token", "clip_low": 0.2,
+            "clip_high": 0.28, "kl": {"coef": 0.04}, "generation": {"max_new_tokens": args.new_tokens},
+            "rewards": [{"function": f"{Path(__file__).resolve()}:distinct_words"}]}
+
+
+def ours_grpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tok: Any,
+              texts: list[dict[str, str]], engine: bool) -> dict[str, Any]:
+    from datasets import Dataset
+
+    from raypeft.pipeline import group_rollout
+    from raypeft.pipeline.config import parse_config
+    from raypeft.pipeline.rewards import load_reward_functions
+    from raypeft.pipeline.rollout_engine import RolloutEngine
+    from raypeft.pipeline.stages import grpo
+
+    fresh(device)
+    roles = Roles(build_llama(args.size, device, dtype, seed=args.seed))
+    roles.add(grpo.POLICY, lora(), trainable=True)
+    roles.add_base(grpo.REFERENCE)
+    roles.primary = grpo.POLICY
+    roles.eval()  # as the stage: no dropout anywhere
+    settings = grpo_settings(args)
+    if engine:
+        settings["generation"].update(dict(kv.split("=", 1) for kv in args.engine))
+    spec = parse_config({"grpo": settings}).grpo
+    functions = load_reward_functions(spec.rewards, "grpo.rewards")
+    rows = Dataset.from_list(texts)
+    prompt_set = [{"input_ids": tok(t["prompt"])["input_ids"]} for t in texts]
+    backend = TorchBackend(roles, lr=LR, weight_decay=0.0, scheduler="constant", warmup_steps=0,
+                           total_steps=args.steps * spec.minibatches, max_grad_norm=1.0,
+                           clip_groups=[roles.trainable_parameters(grpo.POLICY)])
+    gen_engine = RolloutEngine(spec.generation)  # one per stage, as the stage keeps it
+    clock, parts = StepClock(device), []
+    if args.profile and engine:
+        grpo.update = phase("grpo.update", grpo.update)
+        group_rollout.score_tokens = phase("grpo.score", group_rollout.score_tokens)
+        group_rollout.rollout.sample = phase("grpo.sample", group_rollout.rollout.sample)
+    for step in range(args.steps):
+        profiler = torch.profiler.profile(record_shapes=False) if args.profile and engine and step == args.steps - 1 \
+            else contextlib.nullcontext()
+        with profiler:
+            ro = ours_grpo_step(args, step, roles, spec, functions, rows, prompt_set, tok, device, gen_engine, backend,
+                                clock)
+        parts.append({"rollout_s": clock.marks[-1], "new_tokens": int(ro.mask.sum())})
+        if isinstance(profiler, torch.profiler.profile):
+            write_profile(profiler, f"profile_grpo_{args.size}_{device.type}.txt", args)
+    timed = parts[args.warmup:]
+    return {**clock.summary(args.warmup), **peak_memory(device),
+            "rollout_s_mean": statistics.mean(p["rollout_s"] for p in timed),
+            "new_tokens_per_step_mean": statistics.mean(p["new_tokens"] for p in timed),
+            "generation": {k: v for k, v in spec.generation.model_dump().items() if k != "max_new_tokens"},
+            "chunked_loss": enabled(spec.chunked_loss, roles.model, device)}
+
+
+def phase(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` under a profiler label (``--profile``: the step's time by phase)."""
+    def labelled(*a: Any, **k: Any) -> Any:
+        with torch.profiler.record_function(name):
+            return fn(*a, **k)
+    return labelled
+
+
+def write_profile(prof: Any, name: str, args: argparse.Namespace) -> None:
+    """The profiled step's phases (CPU and device time) and its top operators by device time."""
+    events = prof.key_averages()
+    lines = [f"`{command_line()}`", "", "==== phases (total CPU / device ms)"]
+    for e in events:
+        if e.key.startswith("grpo."):
+            lines.append(f"{e.key}: cpu {e.cpu_time_total / 1e3:.1f} ms, device {e.device_time_total / 1e3:.1f} ms, "
+                         f"calls {e.count}")
+    lines += ["", "==== operators by self device time",
+              events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60),
+              "==== operators by self CPU time", events.table(sort_by="self_cpu_time_total", row_limit=20,
+                                                               max_name_column_width=60)]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:8]), flush=True)
+
+
+def ours_grpo_step(args: argparse.Namespace, step: int, roles: Roles, spec: Any, functions: list[Any], rows: Any,
+                   prompt_set: list[dict[str, Any]], tok: Any, device: torch.device, gen_engine: Any,
+                   backend: TorchBackend, clock: StepClock) -> Any:
+    from raypeft.pipeline.data import PromptCollator
+    from raypeft.pipeline.stages import grpo
+
+    ids = list(range(step * args.prompts, (step + 1) * args.prompts))
+    torch.manual_seed(args.seed * 100003 + step)
+    clock.begin()
+    chunked = enabled(spec.chunked_loss, roles.model, device)  # the stage's grpo.chunked_loss
+    group, scores = grpo.rollout_step(roles, prompt_set, rows, ids, functions, spec, tok,
+                                      PromptCollator(pad_token_id=0), device, {}, old_logprobs=True,
+                                      reference=True, num_generations=spec.num_generations,
+                                      rollout_engine=gen_engine, chunked=chunked)
+    ro = group.rollout
+    sync(device)
+    clock.marks.append(time.perf_counter() - clock._t0)
+    ro.advantages, kept = grpo.compute_advantages(spec, scores, ro)
+    generator = torch.Generator().manual_seed(args.seed * 1000 + step)
+    grpo.update(roles, ro, kept.keep_rows.to(device), spec, backend, generator, 1, step=step + 1, chunked=chunked)
+    clock.count(ro.attention_mask.sum())
+    clock.end()
+    return ro
+
+
 # -------------------------------------------------------------------------------------- TRL
 def trl_common(args: argparse.Namespace, device: torch.device, out: str, batch: int) -> dict[str, Any]:
     return dict(output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
@@ -286,6 +418,35 @@ def trl_dpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, 
     return {**clock.summary(args.warmup, items_per_step=args.batch), **peak_memory(device)}
 
 
+def trl_grpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tok: Any,
+             texts: list[dict[str, str]]) -> dict[str, Any]:
+    """One GRPO step = ``steps_per_generation`` optimiser steps: the first samples and scores the
+    whole generation batch, the rest reuse it; timed as their sum."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    fresh(device)
+    model = build_llama(args.size, device, dtype, seed=args.seed)
+    per_step = args.prompts * args.generations // args.minibatches
+    clock = StepClock(device)
+    common = trl_common(args, device, "", per_step)
+    common.pop("max_length")
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GRPOConfig(**{**common, "output_dir": out, "max_steps": args.steps * args.minibatches},
+                         num_generations=args.generations, steps_per_generation=args.minibatches,
+                         max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.04,
+                         num_iterations=1, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", shuffle_dataset=False,
+                         log_completions=False)
+        trainer = GRPOTrainer(model=model, reward_funcs=distinct_words, args=cfg,
+                              train_dataset=Dataset.from_list(texts), processing_class=tok, peft_config=peft_lora())
+        run_trainer(trainer, clock)
+    # fold the optimiser steps into GRPO steps (each generation's minibatches)
+    m = args.minibatches
+    clock.times = [sum(clock.times[i:i + m]) for i in range(0, len(clock.times), m)]
+    clock.tokens = [sum(clock.tokens[i:i + m]) for i in range(0, len(clock.tokens), m)]
+    return {**clock.summary(args.warmup), **peak_memory(device)}
+
+
 # ------------------------------------------------------------------------------------ report
 def mfu(tokens_per_s: float, params: int, device: torch.device) -> float | None:
     """Model FLOPs utilisation of a frozen-base adapter step: 4 x N FLOPs per token, N the weights
@@ -299,15 +460,20 @@ def mfu(tokens_per_s: float, params: int, device: torch.device) -> float | None:
 def write(stage: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
           runs: dict[str, dict[str, Any]], lengths: dict[str, float], params: int, failed: dict[str, str]) -> None:
     for r in runs.values():
-        r["mfu"] = mfu(r["tokens_per_s"], params, device)
-    pairs = [("ours padded", "trl padded"), ("ours packed", "trl packed"), ("ours packed", "trl padded")]
+        r["mfu"] = mfu(r["tokens_per_s"], params, device) if stage != "grpo" else None  # GRPO: mostly generation
+    pairs = [("ours padded", "trl padded"), ("ours packed", "trl packed"), ("ours packed", "trl padded"),
+             ("ours engine", "trl"), ("ours default", "trl")]
     ratios = {f"{a} / {b}": {"throughput": runs[a]["tokens_per_s"] / runs[b]["tokens_per_s"],
+                             "speed_up": runs[b]["s_per_step_median"] / runs[a]["s_per_step_median"],
                              **({"peak_allocated": runs[a]["peak_allocated_gib"] / runs[b]["peak_allocated_gib"]}
                                 if "peak_allocated_gib" in runs[a] else {})}
               for a, b in pairs if a in runs and b in runs}
     report = {"meta": {"command": command_line(), **machine_info(device), "size": args.size, "dtype": str(dtype),
                        "batch": args.batch, "max_len": args.max_len, "steps": args.steps, "warmup": args.warmup,
                        "median_words": args.median, "base_params": params,
+                       **({"prompts": args.prompts, "generations": args.generations, "new_tokens": args.new_tokens,
+                           "minibatches": args.minibatches, "prompt_median": args.prompt_median}
+                          if stage == "grpo" else {}),
                        "trl": __import__("trl").__version__, "peft": __import__("peft").__version__},
               "lengths": lengths, "runs": runs, "failed": failed, "ratios": ratios}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -318,8 +484,12 @@ def write(stage: str, args: argparse.Namespace, device: torch.device, dtype: tor
     md = [f"### {stage.upper()} against TRL {meta['trl']} (peft {meta['peft']}), Llama-like '{args.size}' "
           f"({meta['dtype']}), LoRA r=16 all-linear ({device.type})", "", f"`{meta['command']}`", "",
           machine_line(meta), "",
-          f"Micro-batch {args.batch} {'pairs' if stage == 'dpo' else 'rows'}, max_length {args.max_len}, "
-          f"{args.steps} steps of which the first {args.warmup} untimed; sequence lengths mean "
+          (f"{args.prompts} prompts x {args.generations} completions of {args.new_tokens} new tokens per step (no "
+           f"stop: a random model rarely samples eos), {args.minibatches} minibatches, KL coef 0.04; "
+           if stage == "grpo" else
+           f"Micro-batch {args.batch} {'pairs' if stage == 'dpo' else 'rows'}, max_length {args.max_len}, ") +
+          f"{args.steps} steps of which the first {args.warmup} untimed; "
+          f"{'prompt' if stage == 'grpo' else 'sequence'} lengths mean "
           f"{lengths['mean']:.0f}, median {lengths['median']:.0f}, max {lengths['max']:.0f} tokens.", "",
           "| run | real tokens/s | " + ("pairs/s | " if stage == "dpo" else "") +
           "s per step | tokens per step | peak GPU alloc GiB | peak reserved GiB | MFU |",
@@ -331,11 +501,18 @@ def write(stage: str, args: argparse.Namespace, device: torch.device, dtype: tor
                   + (f"{100 * r['mfu']:.1f}% |" if r["mfu"] is not None else "- |"))
     for name, why in failed.items():
         md.append(f"| {name} | {why} |" + " |" * (6 if stage == "dpo" else 5))
-    md += ["", "| comparison | throughput ratio | peak allocated ratio |", "|---|---|---|"]
+    md += ["", "| comparison | throughput ratio | speed-up per step | peak allocated ratio |", "|---|---|---|---|"]
     for name, r in ratios.items():
-        md.append(f"| {name} | {r['throughput']:.2f}x | " + (f"{r['peak_allocated']:.2f}" if "peak_allocated" in r
-                                                              else "-") + " |")
-    md += ["", f"MFU: real tokens/s x 4 x {params:,} linear-layer weights (LM head included) / "
+        md.append(f"| {name} | {r['throughput']:.2f}x | {r['speed_up']:.2f}x | "
+                  + (f"{r['peak_allocated']:.2f}" if "peak_allocated" in r else "-") + " |")
+    if stage == "grpo":
+        md += ["", "ours engine: grpo.generation " + ", ".join(f"{k}={v}" for k, v in
+                                                           runs.get("ours engine", {}).get("generation", {}).items()
+                                                           if k in ("fold_adapter", "compile", "decode_loop", "cache",
+                                                                    "drop_finished", "prompt_bucket")) + "; "
+               "real tokens: prompt + completion tokens of each step's training forwards; rollout s (ours): "
+               + ", ".join(f"{n} {r['rollout_s_mean']:.2f}" for n, r in runs.items() if "rollout_s_mean" in r) + "."]
+    md += [] if stage == "grpo" else ["", f"MFU: real tokens/s x 4 x {params:,} linear-layer weights (LM head included) / "
            f"{H200_BF16_DENSE_TFLOPS:.0f} TFLOP/s "
            f"(dense bf16 peak); attention FLOPs not counted. Units: {unit}."]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
@@ -345,6 +522,9 @@ def write(stage: str, args: argparse.Namespace, device: torch.device, dtype: tor
 def stage_texts(stage: str, args: argparse.Namespace) -> tuple[list[dict[str, str]], list[int]]:
     """The stage's texts (deterministic from the arguments) and the token length of each sequence."""
     n = args.batch * args.steps
+    if stage == "grpo":
+        texts = prompt_texts(args.prompts * args.steps, args.prompt_median, args.max_len, args.seed)
+        return texts, [len(t["prompt"].split()) for t in texts]
     if stage == "sft":
         texts = sft_texts(n, args.median, args.max_len, args.seed)
         return texts, [len(t["prompt"].split()) + len(t["completion"].split()) for t in texts]
@@ -360,6 +540,8 @@ RUNS: dict[str, dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any]]]]
     "dpo": {"ours padded": (ours_dpo, {"packed": False}), "ours packed": (ours_dpo, {"packed": True}),
             "ours packed, full logits": (ours_dpo, {"packed": True, "loss": False}),
             "trl padded": (trl_dpo, {})},
+    "grpo": {"ours default": (ours_grpo, {"engine": False}), "ours engine": (ours_grpo, {"engine": True}),
+             "trl": (trl_grpo, {})},
 }
 
 
@@ -386,6 +568,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompts", type=int, default=8, help="GRPO: prompts per step")
+    ap.add_argument("--generations", type=int, default=8, help="GRPO: completions per prompt")
+    ap.add_argument("--new-tokens", type=int, default=128, help="GRPO: new tokens per completion")
+    ap.add_argument("--minibatches", type=int, default=2, help="GRPO: optimiser steps per generation")
+    ap.add_argument("--prompt-median", type=int, default=64, help="GRPO: median prompt words (tokens)")
+    ap.add_argument("--engine", action="append", default=None, metavar="KEY=VALUE",
+                    help="GRPO: grpo.generation settings of 'ours engine' (repeatable; default fold_adapter=true, "
+                         "compile=true on CUDA, decode_loop=own)")
+    ap.add_argument("--profile", action="store_true",
+                    help="GRPO: profile the last step of 'ours engine' into results/profile_grpo_<size>_<device>.txt")
     ap.add_argument("--tag", default="", help="added to the result files' names (e.g. b64)")
     ap.add_argument("--full-logits", action="store_true",
                     help="also run ours packed with the full-vocabulary logits (chunked_loss: false)")
@@ -394,6 +586,8 @@ def main() -> None:
                          "finds kernels, cuDNN plans or allocator blocks an earlier run left)")
     args = ap.parse_args()
     device = pick_device(args.device)
+    if args.engine is None:
+        args.engine = ["fold_adapter=true", "decode_loop=own"] + (["compile=true"] if device.type == "cuda" else [])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sides = set(args.runs.split(","))
     # the weights a token is multiplied by: every linear layer, the LM head included (tied or not)
@@ -402,7 +596,7 @@ def main() -> None:
     spawn = multiprocessing.get_context("spawn")
     for stage in args.stages.split(","):
         if stage not in RUNS:
-            raise SystemExit(f"--stages: unknown stage {stage!r} (sft, dpo)")
+            raise SystemExit(f"--stages: unknown stage {stage!r} (sft, dpo, grpo)")
         names = [n for n in RUNS[stage] if n.split()[0] in sides and (args.full_logits or "full logits" not in n)]
         runs: dict[str, dict[str, Any]] = {}
         failed: dict[str, str] = {}

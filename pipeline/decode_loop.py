@@ -70,6 +70,11 @@ from raypeft.pipeline.decode_attention import grouped_decode_attention
 from raypeft.pipeline.token_sampling import SamplingRule, pick_tokens
 
 CHECK_EVERY = 8  # steps between the host's looks at the live rows (each look is one device sync)
+# With a compiled step, cache positions come in multiples of this: the step is specialised on the
+# cache's shape, and a rollout whose longest prompt outgrows the cache would otherwise recompile
+# (about 10 s at 1B on an H200) whenever a new longest prompt turns up; a few hundred masked
+# positions cost less than that (benchmarks/results/vs_trl_grpo_1b_cuda.md: long-tailed prompts).
+CAPACITY_STEP = 256
 MIN_ROWS = 8  # the smallest batch size finished rows are dropped down to
 _SUPPORTED_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
@@ -165,6 +170,12 @@ def _record(s: _Slots, picked: torch.Tensor, eos: torch.Tensor, pad: int) -> Non
     s.tokens.copy_(picked[:, None])
     s.positions.add_(1)
     s.step.add_(1)
+
+
+def cache_capacity(positions: int, *, compiled: bool) -> int:
+    """Cache positions to allocate for ``positions`` (prompt width + new tokens): exactly that when
+    the step runs eagerly, the next multiple of :data:`CAPACITY_STEP` when it is compiled."""
+    return -(-positions // CAPACITY_STEP) * CAPACITY_STEP if compiled else positions
 
 
 def decode_step(lm: nn.Module, cache_kw: str, s: _Slots, eos: torch.Tensor, pad: int, rule: SamplingRule) -> None:
@@ -264,8 +275,8 @@ class DecodeLoop:
                   plan: DecodePlan) -> torch.Tensor:
         rows, width = input_ids.shape
         new, device = plan.max_new_tokens, input_ids.device
-        self._fit(lm, width + new, new, device)
         step = self._step_fn(device)
+        self._fit(lm, cache_capacity(width + new, compiled=step is not decode_step), new, device)
         size = self._batch_size(rows, replays=step is not decode_step)
         if size > rows:  # filler rows (copies of the first, done from the start) fill a kept batch size
             input_ids = torch.cat([input_ids, input_ids[:1].expand(size - rows, -1)])

@@ -66,8 +66,21 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
     return F.cross_entropy(at_least_float32(head(hidden)), targets, reduction="sum")
 
 
-def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -F.cross_entropy(at_least_float32(head(hidden)), targets, reduction="none")
+def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    logits = at_least_float32(head(hidden))
+    return -F.cross_entropy(logits / temperature if temperature != 1.0 else logits, targets, reduction="none")
+
+
+def _chunk_terms(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and (without gradients: a metric) entropies of one chunk."""
+    logits = at_least_float32(head(hidden))
+    logits = logits / temperature if temperature != 1.0 else logits
+    with torch.no_grad():
+        logp_all = F.log_softmax(logits, dim=-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return -F.cross_entropy(logits, targets, reduction="none"), entropy
 
 
 def _labelled(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
@@ -81,7 +94,8 @@ def _labelled(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
     return hidden[:, :-1][keep], targets[keep], keep, hidden
 
 
-def _chunked(fn: Any, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+def _chunked(fn: Any, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
+             *extra: Any) -> list[Any]:
     """``fn`` over ``chunk``-row pieces, each under activation checkpointing when it builds a graph.
 
     Re-entrant checkpointing: the recompute calls the head as a module again inside the backward,
@@ -92,7 +106,7 @@ def _chunked(fn: Any, head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
         raise ValueError(f"chunk must be positive, got {chunk}")
     pieces = []
     for start in range(0, targets.numel(), chunk):
-        args = (head, hidden[start:start + chunk], targets[start:start + chunk])
+        args = (head, hidden[start:start + chunk], targets[start:start + chunk], *extra)
         grad = torch.is_grad_enabled() and args[1].requires_grad
         pieces.append(checkpoint(fn, *args, use_reentrant=True) if grad else fn(*args))
     return pieces
@@ -110,16 +124,32 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], *, chunk: int = DEFA
 
 
 def label_logprobs(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, *,
-                   chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                   chunk: int = DEFAULT_CHUNK, temperature: float = 1.0) -> torch.Tensor:
     """``[B, T-1]``: the (at least float32) log-probability of each labelled next token (``labels[:, 1:]``)
-    and 0 where there is no label, what ``token_logprobs(logits[:, :-1], labels[:, 1:]) * mask``
+    and 0 where there is no label, what ``token_logprobs(logits[:, :-1] / temperature, labels[:, 1:]) * mask``
     gives from the full logits, projecting only the labelled positions."""
+    return label_terms(model, inputs, labels, chunk=chunk, temperature=temperature, with_entropy=False)[0]
+
+
+def label_terms(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, *, chunk: int = DEFAULT_CHUNK,
+                temperature: float = 1.0, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`label_logprobs` and, with ``with_entropy``, the entropy of the (tempered) next-token
+    distribution at the same positions (``[B, T-1]``, 0 where there is no label; no gradient: the
+    RL stages report it, none optimises it): what an online stage needs of its policy's
+    response tokens without the logits of every prompt position and the whole vocabulary."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     chosen, targets, keep, hidden = _labelled(model, inputs, labels)
     out = hidden.new_zeros(keep.shape, dtype=torch.promote_types(hidden.dtype, torch.float32))
     if targets.numel() == 0:
-        return out + hidden.sum() * 0.0
+        return out + hidden.sum() * 0.0, (out.clone() if with_entropy else None)
     head = _transformers_model(model).get_output_embeddings()
-    return out.masked_scatter(keep, torch.cat(_chunked(_chunk_logprobs, head, chosen, targets, chunk)))
+    if not with_entropy:
+        pieces = _chunked(_chunk_logprobs, head, chosen, targets, chunk, float(temperature))
+        return out.masked_scatter(keep, torch.cat(pieces)), None
+    pieces = _chunked(_chunk_terms, head, chosen, targets, chunk, float(temperature))
+    logp = out.masked_scatter(keep, torch.cat([p[0] for p in pieces]))
+    return logp, out.detach().masked_scatter(keep, torch.cat([p[1] for p in pieces]).detach())
 
 
 def enabled(setting: bool | str, model: nn.Module, device: torch.device) -> bool:

@@ -47,7 +47,7 @@ from torch import nn
 
 from raypeft.adapters import AdapterConfig, AdapterModel, get_adapter_model
 from raypeft.adapters.serialization import load_adapter_weights, save_adapter_weights
-from raypeft.pipeline.lm_head_loss import label_logprobs
+from raypeft.pipeline.lm_head_loss import label_terms
 from raypeft.pipeline.rl_math import last_token_index
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -218,29 +218,34 @@ class Roles(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 requests: tuple[Request, ...], position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                labels: torch.Tensor | None = None, temperature: float = 1.0) -> tuple[torch.Tensor, ...]:
         """Each requested ``(kind, role)`` output for one batch, in order (kinds: logits, values,
-        scores, label_logprobs)."""
-        outputs = []
+        scores, label_logprobs, and label_logprobs_entropy, which adds two outputs: the
+        log-probabilities and the entropies; both label kinds divide the logits by ``temperature``)."""
+        outputs: list[torch.Tensor] = []
         for kind, role in requests:
             if kind == "logits":
                 outputs.append(self._logits(role, input_ids, attention_mask, position_ids))
             elif kind == "values":
                 outputs.append(self._values(role, input_ids, attention_mask, position_ids))
-            elif kind == "label_logprobs":
-                outputs.append(self._label_logprobs(role, input_ids, attention_mask, position_ids, labels))
+            elif kind in ("label_logprobs", "label_logprobs_entropy"):
+                logp, entropy = self._label_terms(role, input_ids, attention_mask, position_ids, labels, temperature,
+                                                  with_entropy=kind == "label_logprobs_entropy")
+                outputs.extend((logp,) if entropy is None else (logp, entropy))
             elif kind == "scores":
                 outputs.append(self._scores(role, input_ids, attention_mask))
             else:
-                raise ValueError(f"unknown role output {kind!r}; expected logits, values, scores or label_logprobs")
+                raise ValueError(f"unknown role output {kind!r}; expected logits, values, scores, label_logprobs "
+                                 "or label_logprobs_entropy")
         return tuple(outputs)
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
             *requests: Request, position_ids: torch.Tensor | None = None,
-            labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+            labels: torch.Tensor | None = None, temperature: float | None = None) -> tuple[torch.Tensor, ...]:
         """Several role outputs from one call of the entry (one engine forward, one backward hook)."""
         entry = self._entry[0] if self._entry else self
-        extra = {k: v for k, v in (("position_ids", position_ids), ("labels", labels)) if v is not None}
+        extra = {k: v for k, v in (("position_ids", position_ids), ("labels", labels), ("temperature", temperature))
+                 if v is not None}
         return entry(input_ids, attention_mask, requests=tuple(requests), **extra)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, hidden: bool,
@@ -291,12 +296,14 @@ class Roles(nn.Module):
         with self.use(role):
             return self.heads[role](self._forward(input_ids, attention_mask, hidden=True, position_ids=position_ids))
 
-    def _label_logprobs(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        position_ids: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor:
+    def _label_terms(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None, labels: torch.Tensor | None, temperature: float, *,
+                     with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if labels is None:
             raise ValueError("label_logprobs needs the labels")
         with self.use(role):
-            return label_logprobs(self.model, _model_inputs(input_ids, attention_mask, position_ids), labels)
+            return label_terms(self.model, _model_inputs(input_ids, attention_mask, position_ids), labels,
+                               temperature=temperature, with_entropy=with_entropy)
 
     def _scores(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if role not in self.heads:

@@ -97,9 +97,40 @@ def response_logprobs(logits: torch.Tensor, rows: dict[str, torch.Tensor], tempe
     return logp, (entropy_from_logits(picked) if with_entropy else None)
 
 
+def response_labels(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, L]`` labels of the response tokens at their positions (-100 elsewhere): what
+    ``Roles``' label outputs take to project only the response positions."""
+    labels = torch.full_like(rows["input_ids"], -100)
+    keep = rows["mask"].bool()
+    batch = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)
+    labels[batch[keep], rows["index"][keep] + 1] = rows["tokens"][keep]
+    return labels
+
+
+def label_request(role: str, with_entropy: bool) -> tuple[str, str]:
+    """The ``Roles`` request of the response tokens' log-probabilities (and entropies) of ``role``."""
+    return ("label_logprobs_entropy" if with_entropy else "label_logprobs", role)
+
+
+def from_label_outputs(outputs: tuple[torch.Tensor, ...], rows: dict[str, torch.Tensor],
+                       with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[B, T]`` response-order log-probabilities (and entropies) from a label request's
+    ``[B, L-1]`` outputs (the first one or two of ``outputs``)."""
+    logp = gather_positions(outputs[0], rows["index"])
+    return logp, (gather_positions(outputs[1], rows["index"]) if with_entropy else None)
+
+
 def policy_terms(roles: Roles, role: str, rows: dict[str, torch.Tensor], temperature: float,
-                 with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities (and entropies) of the response tokens under ``role``, ``[B, T]``."""
+                 with_entropy: bool = False, chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities (and entropies) of the response tokens under ``role``, ``[B, T]``.
+
+    ``chunked``: project only the response positions through the LM head, in chunks
+    (``pipeline.lm_head_loss``), instead of every position's full-vocabulary logits: the same
+    figures (within float rounding) for a fraction of the memory (the stages' ``chunked_loss``)."""
+    if chunked:
+        outputs = roles.run(rows["input_ids"], rows["attention_mask"], label_request(role, with_entropy),
+                            labels=response_labels(rows), temperature=temperature)
+        return from_label_outputs(outputs, rows, with_entropy)
     logits = roles.logits(role, rows["input_ids"], rows["attention_mask"])
     return response_logprobs(logits, rows, temperature, with_entropy)
 
@@ -137,15 +168,16 @@ def sample(roles: Roles, policy: str, prompts: dict[str, torch.Tensor], generati
 
 @torch.no_grad()
 def score(roles: Roles, ro: Rollout, *, chunk: int, temperature: float, policy: str, reference: str, reward: str,
-          critic: str | None = None) -> None:
+          critic: str | None = None, chunked: bool = False) -> None:
     """Fill ``ro.logprobs``, ``ro.ref_logprobs``, ``ro.scores`` (and ``ro.values`` with a ``critic``)
-    in place, ``chunk`` rows per forward; per-token figures are zero past each response's end."""
+    in place, ``chunk`` rows per forward; per-token figures are zero past each response's end.
+    ``chunked``: the log-probabilities without full logits (:func:`policy_terms`)."""
     device = ro.input_ids.device
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     for start in range(0, ro.input_ids.shape[0], chunk):
         rows = ro.rows(torch.arange(start, min(start + chunk, ro.input_ids.shape[0]), device=device))
-        parts["logprobs"].append(policy_terms(roles, policy, rows, temperature)[0])
-        parts["ref_logprobs"].append(policy_terms(roles, reference, rows, temperature)[0])
+        parts["logprobs"].append(policy_terms(roles, policy, rows, temperature, chunked=chunked)[0])
+        parts["ref_logprobs"].append(policy_terms(roles, reference, rows, temperature, chunked=chunked)[0])
         if critic is not None:
             parts["values"].append(token_values(roles, critic, rows))
         parts["scores"].append(roles.scores(reward, rows["input_ids"], rows["attention_mask"]))

@@ -17,7 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from raypeft.pipeline.config.base import StrictModel, adapter_ref
 from raypeft.pipeline.config.data import PromptDataSpec
-from raypeft.pipeline.config.stages import GenerationSpec, StageSection
+from raypeft.pipeline.config.stages import ChunkedLoss, GenerationSpec, StageSection
 
 ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 # The metrics label of the learned reward model's score (beside each function's own label).
@@ -119,6 +119,9 @@ class GRPOSpec(StageSection):
     kl: GroupKLSpec = GroupKLSpec()
     gamma: float = Field(default=1.0, ge=0, le=1)
     filter_zero_variance: bool = False
+    # The policy's and reference's log-probabilities of the completion tokens (scoring and update)
+    # projecting only the completion positions, as DPO's; auto: on for GPU workers.
+    chunked_loss: ChunkedLoss = "auto"
     eval_prompts: int = Field(default=64, ge=0)
     eval_every: int | None = Field(default=None, gt=0)
     log_every: int = Field(default=1, gt=0)

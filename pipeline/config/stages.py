@@ -200,6 +200,9 @@ class PPOSpec(StageSection):
     whiten_rewards: bool = False
     whiten_advantages: bool = True
     missing_eos_penalty: float | None = Field(default=None, ge=0)
+    # The policy's and reference's log-probabilities of the response tokens (scoring and update)
+    # projecting only the response positions, as DPO's; auto: on for GPU workers.
+    chunked_loss: ChunkedLoss = "auto"
     eval_prompts: int = Field(default=64, ge=0)
     eval_every: int | None = Field(default=None, gt=0)
     log_every: int = Field(default=1, gt=0)

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from raypeft.pipeline import engine, group_rollout, nonfinite_loss, rollout, tracking
+from raypeft.pipeline import engine, group_rollout, lm_head_loss, nonfinite_loss, rollout, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import ConfigError, GRPOSpec, RunConfig
 from raypeft.pipeline.config.grpo import REWARD_MODEL_LABEL, SFT_ROWS_SOURCE
@@ -164,9 +164,10 @@ def loss_scale(spec: GRPOSpec, rows: int, tokens: int, global_rows: float, globa
 
 
 def update(roles: Roles, ro: rollout.Rollout, keep_rows: torch.Tensor, spec: GRPOSpec, backend: Backend,
-           generator: torch.Generator, world_size: int, step: int = 0) -> dict[str, float]:
+           generator: torch.Generator, world_size: int, step: int = 0, chunked: bool = False) -> dict[str, float]:
     """``update_epochs`` x ``minibatches`` optimiser steps on one group rollout; returns the sums of
-    the statistics and the count of minibatches that had kept rows (``updates``).
+    the statistics and the count of minibatches that had kept rows (``updates``). ``chunked``: the
+    policy's log-probabilities without full logits (``rollout.policy_terms``).
 
     Every worker runs the same number of forwards and optimiser steps (ZeRO-3 gathers per
     forward; gradients are all-reduced per step): a worker without kept rows in a minibatch runs
@@ -189,8 +190,8 @@ def update(roles: Roles, ro: rollout.Rollout, keep_rows: torch.Tensor, spec: GRP
             if global_rows == 0:
                 continue
             batch = ro.rows(kept if rows_n else idx[:1])
-            logits = roles.run(batch["input_ids"], batch["attention_mask"], ("logits", POLICY))[0]
-            logp, entropy = rollout.response_logprobs(logits, batch, spec.generation.temperature, with_entropy=True)
+            logp, entropy = rollout.policy_terms(roles, POLICY, batch, spec.generation.temperature, with_entropy=True,
+                                                 chunked=chunked)
             old = batch["logprobs"] if "logprobs" in batch else logp.detach()
             out = clipped_surrogate_loss(logp, old, batch["advantages"], batch["mask"], clip_low=spec.clip_low,
                                          clip_high=spec.clip_high, normalisation=spec.loss_normalisation,
@@ -231,8 +232,9 @@ def update_metrics(sums: dict[str, float]) -> dict[str, float]:
 def rollout_step(roles: Roles, prompt_set, rows, ids: list[int], functions: list[RewardFunction], spec: GRPOSpec,
                  tokenizer, collate: PromptCollator, device: torch.device, generate_kwargs: dict[str, Any],
                  *, old_logprobs: bool, reference: bool, num_generations: int,
-                 rollout_engine: RolloutEngine | None = None) -> tuple[GroupRollout, RewardScores]:
-    """Sample the groups of prompt rows ``ids``, score their tokens and rewards."""
+                 rollout_engine: RolloutEngine | None = None, chunked: bool = False) -> tuple[GroupRollout, RewardScores]:
+    """Sample the groups of prompt rows ``ids``, score their tokens (``chunked``: without full
+    logits) and rewards."""
     group = group_rollout.sample_groups(roles, POLICY, prompt_set, rows, ids, num_generations=num_generations,
                                         prompt_column=spec.data.column, generation=spec.generation,
                                         tokenizer=tokenizer, collate=collate, device=device,
@@ -241,7 +243,7 @@ def rollout_step(roles: Roles, prompt_set, rows, ids: list[int], functions: list
     has_rm = REWARD in roles.roles
     group_rollout.score_tokens(roles, group.rollout, chunk=chunk, temperature=spec.generation.temperature,
                                policy=POLICY if old_logprobs else None, reference=REFERENCE if reference else None,
-                               reward=REWARD if has_rm else None)
+                               reward=REWARD if has_rm else None, chunked=chunked)
     scores = group_rollout.score_rewards(group, functions, group.rollout.scores if has_rm else None,
                                          spec.reward_adapter_weight, REWARD_MODEL_LABEL)
     return group, scores
@@ -250,7 +252,8 @@ def rollout_step(roles: Roles, prompt_set, rows, ids: list[int], functions: list
 @torch.no_grad()
 def evaluate(roles: Roles, prompt_set, rows, eval_ids: list[int], functions: list[RewardFunction], spec: GRPOSpec,
              tokenizer, collate: PromptCollator, worker: engine.Worker, seed: int,
-             backend: Backend | None = None, rollout_engine: RolloutEngine | None = None) -> dict[str, float]:
+             backend: Backend | None = None, rollout_engine: RolloutEngine | None = None,
+             chunked: bool = False) -> dict[str, float]:
     """Mean reward of every source and of the total (``eval_reward``), KL to the reference (sum over
     the response, k1) and completion length, for one sampled completion of each held-out prompt
     (sharded over workers; seeded, so a repeat on the same policy samples the same; padded
@@ -266,7 +269,7 @@ def evaluate(roles: Roles, prompt_set, rows, eval_ids: list[int], functions: lis
         ids = [eval_ids[j] if j is not None else eval_ids[0] for j in part]
         group, scores = rollout_step(roles, prompt_set, rows, ids, functions, spec, tokenizer, collate, worker.device,
                                      generate_kwargs, old_logprobs=True, reference=True, num_generations=1,
-                                     rollout_engine=rollout_engine)
+                                     rollout_engine=rollout_engine, chunked=chunked)
         keep = [j is not None for j in part]
         ro = group.rollout
         kl = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1)
@@ -359,8 +362,11 @@ def train_loop(payload: dict[str, Any]) -> None:
                     "base_params_missing": census["base_missing"], "non_base_non_role_params": census["other_params"],
                     "reference_is_base": float(roles.is_base(REFERENCE))}, step=0)
     gen_engine = RolloutEngine(spec.generation)
+    chunked = lm_head_loss.enabled(spec.chunked_loss, roles.model, worker.device)  # completion positions only
+    if worker.is_main:
+        logger.log({"chunked_loss": float(chunked)}, step=0)
     reward_eval = (lambda: evaluate(roles, prompt_set, rows, eval_ids, functions, spec, tokenizer, collate, worker,
-                                    cfg.seed, backend, gen_engine)) if spec.eval_prompts else None
+                                    cfg.seed, backend, gen_engine, chunked)) if spec.eval_prompts else None
     report = PolicyEvaluation(NAME, cfg, roles, POLICY, tokenizer, worker, backend, logger, held_out, reward_eval,
                               gen_engine)
     report.before(state)
@@ -379,12 +385,13 @@ def train_loop(payload: dict[str, Any]) -> None:
         torch.manual_seed(cfg.seed * 100003 + step * 97 + worker.rank)  # sampling: reproducible per step
         group, scores = rollout_step(roles, prompt_set, rows, ids, functions, spec, tokenizer, collate, worker.device,
                                      generate_kwargs, old_logprobs=need_old, reference=need_ref,
-                                     num_generations=spec.num_generations, rollout_engine=gen_engine)
+                                     num_generations=spec.num_generations, rollout_engine=gen_engine,
+                                     chunked=chunked)
         ro = group.rollout
         ro.advantages, kept = compute_advantages(spec, scores, ro)
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + step * 7919 + worker.rank)
         sums = update(roles, ro, kept.keep_rows.to(ro.mask.device), spec, backend, generator, worker.world_size,
-                      step=step + 1)
+                      step=step + 1, chunked=chunked)
         n_tokens = int(ro.attention_mask.sum().item())
         throughput.add(n_tokens)
         step += 1
@@ -469,6 +476,6 @@ STAGE = Stage(
     metrics=ROUGE_METRICS + ("reward_mean", "reward_std", "group_reward_std", "zero_variance_group_fraction",
                              "skipped_group_fraction", "completion_length", "eos_fraction", "loss", "clip_fraction_low",
                              "clip_fraction_high", "approx_kl", "entropy", "kl", "updates", "prompts", "base_params",
-                             "base_params_missing", "non_base_non_role_params", "reference_is_base")
+                             "base_params_missing", "non_base_non_role_params", "reference_is_base", "chunked_loss")
     + before_after("eval_reward", "eval_kl", "eval_completion_length"),
 )

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from raypeft.pipeline import engine, nonfinite_loss, rollout, tracking
+from raypeft.pipeline import engine, lm_head_loss, nonfinite_loss, rollout, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import ConfigError, PPOSpec, RunConfig
 from raypeft.pipeline.conversations import is_chat, tokenized_prompts
@@ -115,26 +115,33 @@ def kl_controller(spec: PPOSpec, coef: float | None = None):
 
 # ------------------------------------------------------------------------------- rollout
 
-def policy_and_critic(roles: Roles, rows: dict[str, torch.Tensor],
-                      temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def policy_and_critic(roles: Roles, rows: dict[str, torch.Tensor], temperature: float,
+                      chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probabilities and entropies and critic values of the response tokens from one
-    call of the roles' entry: under DeepSpeed the loss built from both is one engine forward."""
-    logits, values = roles.run(rows["input_ids"], rows["attention_mask"], ("logits", POLICY), ("values", CRITIC))
-    logp, entropy = rollout.response_logprobs(logits, rows, temperature, with_entropy=True)
+    call of the roles' entry: under DeepSpeed the loss built from both is one engine forward.
+    ``chunked``: the policy's figures without full logits (``rollout.policy_terms``)."""
+    if chunked:
+        *terms, values = roles.run(rows["input_ids"], rows["attention_mask"], rollout.label_request(POLICY, True),
+                                   ("values", CRITIC), labels=rollout.response_labels(rows), temperature=temperature)
+        logp, entropy = rollout.from_label_outputs(tuple(terms), rows, with_entropy=True)
+    else:
+        logits, values = roles.run(rows["input_ids"], rows["attention_mask"], ("logits", POLICY), ("values", CRITIC))
+        logp, entropy = rollout.response_logprobs(logits, rows, temperature, with_entropy=True)
     return logp, entropy, rollout.gather_positions(values[:, :-1], rows["index"])
 
 
 @torch.no_grad()
 def make_rollout(roles: Roles, prompts: dict[str, torch.Tensor], spec: PPOSpec, tokenizer,
                  chunk: int, generate_kwargs: dict[str, Any] | None = None,
-                 rollout_engine: RolloutEngine | None = None) -> Rollout:
+                 rollout_engine: RolloutEngine | None = None, chunked: bool = False) -> Rollout:
     """Sample responses with the policy, then score them with every role (in chunks of ``chunk``).
 
-    ``generate_kwargs``: the backend's (``synced_gpus`` under multi-worker ZeRO-3).
+    ``generate_kwargs``: the backend's (``synced_gpus`` under multi-worker ZeRO-3); ``chunked``:
+    the log-probabilities without full logits.
     """
     ro = rollout.sample(roles, POLICY, prompts, spec.generation, tokenizer, generate_kwargs, rollout_engine)
     rollout.score(roles, ro, chunk=chunk, temperature=spec.generation.temperature, policy=POLICY,
-                  reference=REFERENCE, reward=REWARD, critic=CRITIC)
+                  reference=REFERENCE, reward=REWARD, critic=CRITIC, chunked=chunked)
     return ro
 
 
@@ -169,7 +176,7 @@ def add_advantages(ro: Rollout, spec: PPOSpec, kl_coef: float, moments: RunningM
 
 
 def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, backend: Backend,
-               generator: torch.Generator, step: int = 0) -> dict[str, float]:
+               generator: torch.Generator, step: int = 0, chunked: bool = False) -> dict[str, float]:
     """``ppo_epochs`` x ``minibatches`` optimiser steps of ``backend`` on one rollout; returns mean
     statistics. Clipping is the backend's (per role under plain PyTorch: see ``train_loop``);
     ``step`` (1-based) names the PPO step if a loss turns NaN/inf (``pipeline.nonfinite_loss``)."""
@@ -181,7 +188,7 @@ def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, backend: Backend,
         order = torch.randperm(n, generator=generator).to(ro.input_ids.device)
         for start in range(0, n, size):
             rows = ro.rows(order[start:start + size])
-            logp, entropy, values = policy_and_critic(roles, rows, spec.generation.temperature)
+            logp, entropy, values = policy_and_critic(roles, rows, spec.generation.temperature, chunked)
             pol = clipped_policy_loss(logp, rows["logprobs"], rows["advantages"], rows["mask"], spec.cliprange)
             v_loss, v_clip = clipped_value_loss(values, rows["values"], rows["returns"], rows["mask"],
                                                 spec.cliprange_value)
@@ -199,7 +206,7 @@ def ppo_update(roles: Roles, ro: Rollout, spec: PPOSpec, backend: Backend,
 @torch.no_grad()
 def evaluate(roles: Roles, prompts, collate: PromptCollator, spec: PPOSpec, tokenizer, worker: engine.Worker,
              seed: int, backend: Backend | None = None,
-             rollout_engine: RolloutEngine | None = None) -> dict[str, float]:
+             rollout_engine: RolloutEngine | None = None, chunked: bool = False) -> dict[str, float]:
     """Mean reward, KL to the reference and response length of sampled responses to the held-out
     prompts (sharded over workers; sampling seeded, so a repeat on the same policy is identical;
     padded prompts, which keep ZeRO-3 workers in lockstep, are sampled and left out)."""
@@ -212,7 +219,7 @@ def evaluate(roles: Roles, prompts, collate: PromptCollator, spec: PPOSpec, toke
     for i in range(0, len(shard), size):
         ids = shard[i:i + size]
         batch = common.to_device(collate([prompts[j if j is not None else 0] for j in ids]), worker.device)
-        ro = make_rollout(roles, batch, spec, tokenizer, chunk, generate_kwargs, rollout_engine)
+        ro = make_rollout(roles, batch, spec, tokenizer, chunk, generate_kwargs, rollout_engine, chunked)
         keep = torch.tensor([j is not None for j in ids], device=ro.mask.device)
         kl = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1)[keep]
         sums = [a + b for a, b in zip(sums, [ro.scores[keep].sum().item(), kl.sum().item(),
@@ -285,8 +292,11 @@ def train_loop(payload: dict[str, Any]) -> None:
                     "base_params": census["base_params"], "base_params_missing": census["base_missing"],
                     "non_base_non_role_params": census["other_params"]}, step=0)
     gen_engine = RolloutEngine(spec.generation)
+    chunked = lm_head_loss.enabled(spec.chunked_loss, roles.model, worker.device)  # response positions only
+    if worker.is_main:
+        logger.log({"chunked_loss": float(chunked)}, step=0)
     reward_eval = (lambda: evaluate(roles, eval_prompts, collate, spec, tokenizer, worker, cfg.seed, backend,
-                                    gen_engine)) if spec.eval_prompts else None
+                                    gen_engine, chunked)) if spec.eval_prompts else None
     report = PolicyEvaluation(NAME, cfg, roles, POLICY, tokenizer, worker, backend, logger, held_out, reward_eval,
                               gen_engine)
     report.before(state)
@@ -302,7 +312,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         ids = common.epoch_batches(len(prompts), spec.rollout_batch_size, worker, cfg.seed, epoch)[within]
         batch = common.to_device(collate([prompts[j] for j in ids]), worker.device)
         torch.manual_seed(cfg.seed * 100003 + step * 97 + worker.rank)  # sampling: reproducible per step
-        ro = make_rollout(roles, batch, spec, tokenizer, chunk, generate_kwargs, gen_engine)
+        ro = make_rollout(roles, batch, spec, tokenizer, chunk, generate_kwargs, gen_engine, chunked)
         if moments is not None:
             update_score_moments(moments, penalised_scores(ro, spec))
             state["score_moments"] = moments.state()
@@ -310,7 +320,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         figures = rollout_stats(ro, kl_ctl.value)
         if moments is not None:
             figures.update(score_norm_mean=moments.mean, score_norm_std=moments.std)
-        update_stats = ppo_update(roles, ro, spec, backend, generator, step=step + 1)
+        update_stats = ppo_update(roles, ro, spec, backend, generator, step=step + 1, chunked=chunked)
         n_tokens = int(ro.attention_mask.sum().item())
         throughput.add(n_tokens)
         step += 1
@@ -383,6 +393,6 @@ STAGE = Stage(
     metrics=ROUGE_METRICS + ("reward_mean", "reward_std", "kl", "kl_coef", "non_score_reward", "response_length",
                              "eos_fraction", "value_mean", "return_mean", "value_explained_variance", "policy_loss",
                              "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy", "prompts",
-                             "base_params", "base_params_missing", "non_base_non_role_params")
+                             "base_params", "base_params_missing", "non_base_non_role_params", "chunked_loss")
     + before_after("eval_reward", "eval_kl", "eval_response_length"),
 )

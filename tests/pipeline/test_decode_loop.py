@@ -19,7 +19,8 @@ from raypeft.adapters import LoraConfig, PrefixTuningConfig, PromptTuningConfig,
 from raypeft.adapters.generation_copy import GenerationCopy
 from raypeft.pipeline import rollout
 from raypeft.pipeline.config import GenerationSpec, parse_config
-from raypeft.pipeline.decode_loop import DecodeLoop, DecodePlan, batch_ladder, decode_step, plan_decode
+from raypeft.pipeline.decode_loop import (CAPACITY_STEP, DecodeLoop, DecodePlan, batch_ladder, cache_capacity,
+                                         decode_step, plan_decode)
 from raypeft.pipeline.modeling import adapter_config
 from raypeft.pipeline.roles import Roles
 from raypeft.pipeline.rollout_engine import RolloutEngine
@@ -118,6 +119,28 @@ def test_a_smaller_last_chunk_decodes_at_the_kept_size(lora_model, drop: bool) -
     engine.loop.pad_to_kept = True
     assert torch.equal(_generate(engine, lora_model, ids, mask, [31, 10]), _reference(lora_model, ids, mask, [31, 10]))
     assert engine.loop.sizes[0] == 4 and sorted(engine.loop._slots)[-1] == 4
+
+
+def test_a_compiled_step_keeps_its_cache_over_prompts_of_other_widths(lora_model, monkeypatch) -> None:
+    """With a compiled step (stood in for on CPU by any function that is not ``decode_step``) the
+    cache is allocated in multiples of ``CAPACITY_STEP`` positions, so a rollout whose longest
+    prompt is longer or shorter reuses the slots (the graph's addresses and shapes) instead of
+    recompiling, and the masked positions change no token."""
+    loop = DecodeLoop()
+    monkeypatch.setattr(loop, "_step_fn", lambda device: lambda *a: decode_step(*a))
+    lm = lora_model.get_base_model()
+    plan = plan_decode(lm, sampling={"do_sample": False}, eos_token_id=[31, 10], pad_token_id=PAD, max_new_tokens=NEW)
+    slots = None
+    for extra in (0, 30, 11):
+        ids, mask = _prompts(rows=7, seed=3)
+        ids = torch.cat([torch.full((7, extra), 5), ids], 1)
+        mask = torch.cat([torch.ones(7, extra, dtype=torch.long), mask], 1)
+        assert torch.equal(loop.generate(lm, ids, mask, plan), _reference(lora_model, ids, mask, [31, 10]))
+        assert loop._capacity == CAPACITY_STEP >= ids.shape[1] + NEW
+        slots = slots or loop._slots[7]
+        assert loop._slots[7] is slots
+    assert cache_capacity(CAPACITY_STEP + 1, compiled=True) == 2 * CAPACITY_STEP
+    assert cache_capacity(CAPACITY_STEP + 1, compiled=False) == CAPACITY_STEP + 1
 
 
 def test_sampled_tokens_repeat_under_a_seed(lora_model) -> None:
