@@ -288,6 +288,7 @@ def ours_grpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
                            total_steps=args.steps * spec.minibatches, max_grad_norm=1.0,
                            clip_groups=[roles.trainable_parameters(grpo.POLICY)])
     gen_engine = RolloutEngine(spec.generation)  # one per stage, as the stage keeps it
+    gen_engine.reserve(max(len(p["input_ids"]) for p in prompt_set))  # as the stage does
     clock, parts = StepClock(device), []
     if args.profile and engine:
         grpo.update = phase("grpo.update", grpo.update)

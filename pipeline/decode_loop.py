@@ -208,6 +208,7 @@ class DecodeLoop:
         self._slots: dict[int, _Slots] = {}
         self._owner: tuple[int, torch.dtype, torch.device] | None = None
         self._capacity = 0  # C: cache positions of every slot set
+        self._reserved = 0  # positions a compiled step's cache holds at least (reserve)
         self._width = 0  # N: history columns of every slot set
         self._compiled: Any = None
         self.steps = 0  # decode steps run by the last call, prefill excluded (benchmarks read it)
@@ -218,6 +219,12 @@ class DecodeLoop:
         """Free every cache and cursor (the next call allocates them again and re-records its graphs)."""
         self._slots.clear()
         self._owner, self._capacity, self._width = None, 0, 0
+
+    def reserve(self, positions: int) -> None:
+        """Size a compiled step's cache for ``positions`` (the longest prompt + new tokens a run will
+        see) from the first call: the cache never shrinks, so a run whose prompts grow would reach
+        that size anyway, recompiling on the way; an eager step ignores it."""
+        self._reserved = max(self._reserved, int(positions))
 
     def _fit(self, lm: nn.Module, capacity: int, width: int, device: torch.device) -> None:
         """Drop every slot set unless it serves this model and is large enough (grown, never shrunk)."""
@@ -276,7 +283,9 @@ class DecodeLoop:
         rows, width = input_ids.shape
         new, device = plan.max_new_tokens, input_ids.device
         step = self._step_fn(device)
-        self._fit(lm, cache_capacity(width + new, compiled=step is not decode_step), new, device)
+        compiled = step is not decode_step
+        self._fit(lm, cache_capacity(max(width + new, self._reserved if compiled else 0), compiled=compiled), new,
+                  device)
         size = self._batch_size(rows, replays=step is not decode_step)
         if size > rows:  # filler rows (copies of the first, done from the start) fill a kept batch size
             input_ids = torch.cat([input_ids, input_ids[:1].expand(size - rows, -1)])

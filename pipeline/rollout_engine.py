@@ -99,6 +99,13 @@ class RolloutEngine:
         self.loop = DecodeLoop(compile=spec.compile, drop_finished=spec.drop_finished)
         self.last_path = ""  # "own" or "hf": how the last call generated (tests and benchmarks read it)
 
+    def reserve(self, prompt_tokens: int) -> None:
+        """Tell the own loop the longest prompt a run will sample for (its compiled step then
+        allocates the cache it needs once, instead of recompiling as longer prompts turn up)."""
+        bucket = self.spec.prompt_bucket
+        width = -(-prompt_tokens // bucket) * bucket if bucket > 0 else prompt_tokens
+        self.loop.reserve(width + self.spec.max_new_tokens)
+
     def folds(self, model: nn.Module, adapter: str | None, generate_kwargs: dict[str, Any]) -> bool:
         """Whether this call samples from a folded copy."""
         return (self.spec.fold_adapter and adapter is not None and not generate_kwargs.get("synced_gpus")

@@ -143,6 +143,20 @@ def test_a_compiled_step_keeps_its_cache_over_prompts_of_other_widths(lora_model
     assert cache_capacity(CAPACITY_STEP + 1, compiled=False) == CAPACITY_STEP + 1
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_reserved_cache_is_allocated_at_the_first_call(lora_model, monkeypatch, compiled: bool) -> None:
+    """``RolloutEngine.reserve`` (the stages pass their longest prompt) sizes a compiled step's cache
+    from the first call, so a later, longer prompt finds it; an eager step allocates what it needs."""
+    engine = _own(prompt_bucket=8)
+    if compiled:
+        monkeypatch.setattr(engine.loop, "_step_fn", lambda device: lambda *a: decode_step(*a))
+    engine.reserve(CAPACITY_STEP + 3)
+    ids, mask = _prompts(rows=7, seed=3)
+    assert torch.equal(_generate(engine, lora_model, ids, mask, [29]), _reference(lora_model, ids, mask, [29]))
+    bucketed = -(-ids.shape[1] // 8) * 8
+    assert engine.loop._capacity == (2 * CAPACITY_STEP if compiled else bucketed + NEW)  # 264 + 12 -> 512
+
+
 def test_sampled_tokens_repeat_under_a_seed(lora_model) -> None:
     ids, mask = _prompts()
     sampling = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9}
