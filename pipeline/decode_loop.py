@@ -72,9 +72,10 @@ from raypeft.pipeline.token_sampling import SamplingRule, pick_tokens
 CHECK_EVERY = 8  # steps between the host's looks at the live rows (each look is one device sync)
 # With a compiled step, cache positions come in multiples of this: the step is specialised on the
 # cache's shape, and a rollout whose longest prompt outgrows the cache would otherwise recompile
-# (about 10 s at 1B on an H200) whenever a new longest prompt turns up; a few hundred masked
-# positions cost less than that (benchmarks/results/vs_trl_grpo_1b_cuda.md: long-tailed prompts).
-CAPACITY_STEP = 256
+# (about 10 s at 1B on an H200) for every new longest prompt. The stages reserve their longest
+# prompt up front (``reserve``); this bounds the recompiles of callers that do not, at the cost of
+# at most 127 masked positions that every step reads.
+CAPACITY_STEP = 128
 MIN_ROWS = 8  # the smallest batch size finished rows are dropped down to
 _SUPPORTED_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
