@@ -154,7 +154,7 @@ def test_a_reserved_cache_is_allocated_at_the_first_call(lora_model, monkeypatch
     ids, mask = _prompts(rows=7, seed=3)
     assert torch.equal(_generate(engine, lora_model, ids, mask, [29]), _reference(lora_model, ids, mask, [29]))
     bucketed = -(-ids.shape[1] // 8) * 8
-    assert engine.loop._capacity == (2 * CAPACITY_STEP if compiled else bucketed + NEW)  # STEP + 3 -> STEP + 8 (bucket) + NEW -> 2 x STEP
+    assert engine.loop._capacity == (2 * CAPACITY_STEP if compiled else bucketed + NEW)  # STEP+3 -> STEP+8+NEW
 
 
 def test_sampled_tokens_repeat_under_a_seed(lora_model) -> None:
