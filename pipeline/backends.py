@@ -93,6 +93,13 @@ class Backend:
         """Extra ``generate`` arguments; ZeRO-3 needs every rank to keep stepping until all finish."""
         return {}
 
+    def whole_model(self) -> contextlib.AbstractContextManager:
+        """Inside it, every parameter of the model is whole on this rank and a forward pass needs no
+        collective (ZeRO-3: gathered once, its per-module gathering hooks lifted until the exit,
+        which every rank must reach together); a no-op otherwise. For generation only: no
+        gradients flow inside."""
+        return contextlib.nullcontext()
+
     @property
     def lockstep(self) -> bool:
         """Whether every rank must run the same number of forward passes (ZeRO-3 gathers per forward)."""
@@ -306,6 +313,15 @@ class DeepSpeedBackend(Backend):
 
     def generate_kwargs(self) -> dict[str, Any]:
         return {"synced_gpus": True} if self.lockstep else {}
+
+    def whole_model(self) -> contextlib.AbstractContextManager:
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        # DeepSpeed's own: GatheredParameters over the whole module, the ZeRO-3 module hooks
+        # removed inside and registered again after.
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(self.engine)
 
     def save(self, folder: Path, *, is_main: bool, write_adapter: Callable[[Path], None],
              state: dict[str, Any]) -> None:

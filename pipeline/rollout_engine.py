@@ -31,7 +31,7 @@ would sit behind the same function.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,13 @@ class RolloutEngine:
         self._copies: dict[str, GenerationCopy] = {}
         self.loop = DecodeLoop(compile=spec.compile, drop_finished=spec.drop_finished)
         self.last_path = ""  # "own" or "hf": how the last call generated (tests and benchmarks read it)
+        self.last_gathered = False  # whether the last call ran on weights gathered once (gather_weights)
+        self._whole_model: Callable[[], contextlib.AbstractContextManager] | None = None
+
+    def gather_with(self, whole_model: Callable[[], contextlib.AbstractContextManager]) -> None:
+        """The training backend's ``whole_model`` (``pipeline.backends``): with ``gather_weights``,
+        a call on ZeRO-3 partitioned weights runs inside it, once per call."""
+        self._whole_model = whole_model
 
     def reserve(self, prompt_tokens: int) -> None:
         """Tell the own loop the longest prompt a run will sample for (its compiled step then
@@ -151,6 +158,10 @@ class RolloutEngine:
         """
         spec = self.spec
         new = max_new_tokens if max_new_tokens is not None else spec.max_new_tokens
+        gather = spec.gather_weights and self._whole_model is not None and _partitioned(model)
+        self.last_gathered = gather
+        if gather:  # every rank samples on whole weights: no rank waits for another's forward passes
+            generate_kwargs = {k: v for k, v in (generate_kwargs or {}).items() if k != "synced_gpus"}
         plan = self.own_plan(model, adapter, sampling=sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                              max_new_tokens=new, generate_kwargs=generate_kwargs, row_inputs=row_inputs)
         own = isinstance(plan, DecodePlan)
@@ -164,7 +175,8 @@ class RolloutEngine:
         copy = self._copy(model, adapter) if fold else None
         outputs: list[torch.Tensor] = []
         hooks_off = input_grad_hooks_off(model) if spec.compile else contextlib.nullcontext()
-        with hooks_off:  # once per call, not per chunk: it walks the module tree
+        whole = self._whole_model() if gather else contextlib.nullcontext()
+        with whole, hooks_off:  # once per call, not per chunk: it walks the module tree
             for start in range(0, input_ids.shape[0], size):
                 ids, mask = input_ids[start:start + size], attention_mask[start:start + size]
                 ids, mask = bucket_left(ids, mask, spec.prompt_bucket, pad_token_id)

@@ -124,6 +124,10 @@ class GenerationSpec(StrictModel):
     (prefill into a static cache, then one fixed-shape step per token, a CUDA graph with
     ``compile``; ``cache`` does not apply to it) wherever it supports the call, else ``generate``;
     ``drop_finished`` (own loop only) moves the live rows to a smaller batch once they fit one.
+    ``gather_weights`` (DeepSpeed ZeRO-3 only): gather the whole model on every rank once per
+    ``generate`` call, instead of layer by layer at every token, and let each rank sample without
+    waiting for the others (no ``synced_gpus``); every rank then holds the full weights while it
+    samples, so it is off by default.
     """
 
     max_new_tokens: int = Field(default=48, gt=0)
@@ -137,6 +141,7 @@ class GenerationSpec(StrictModel):
     prompt_bucket: int = Field(default=0, ge=0)
     decode_loop: Literal["hf", "own"] = "hf"
     drop_finished: bool = False
+    gather_weights: bool = False
 
     @field_validator("drop_finished")
     @classmethod

@@ -1,7 +1,8 @@
 """The grpo stage under DeepSpeed ZeRO-3 in Ray Train: 2 gloo workers, the demo base.
 
 ZeRO-3 gathers parameters in every forward, so both workers must run as many forwards and
-``generate`` calls as each other: sampling with ``synced_gpus``, minibatches whose kept rows differ
+``generate`` calls as each other: sampling with ``synced_gpus`` (or on weights gathered once per
+call, ``generation.gather_weights``), minibatches whose kept rows differ
 per worker (zero-variance groups filtered), held-out prompts that do not split evenly. The stage
 must train, checkpoint and publish a PEFT adapter gathered from the partitions.
 """
@@ -36,7 +37,11 @@ def _run(cfg):
 
 
 @pytest.mark.slow
-def test_grpo_trains_under_zero3_with_uneven_work_per_worker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("gather", [False, True], ids=["synced", "gathered"])
+def test_grpo_trains_under_zero3_with_uneven_work_per_worker(tmp_path: Path, gather: bool) -> None:
+    """``gathered``: ``generation.gather_weights``, each worker samples on weights gathered once per
+    call, without ``synced_gpus``: responses ending at different tokens on the two workers must not
+    leave one waiting on a collective the other never calls."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(REPO / "configs" / "quickstart-grpo.yaml", [
         "stages=[grpo]", "deepspeed=zero3", "grpo.policy_init=null", "grpo.max_steps=2", "grpo.prompts_per_step=2",
@@ -44,7 +49,7 @@ def test_grpo_trains_under_zero3_with_uneven_work_per_worker(tmp_path: Path) -> 
         "grpo.filter_zero_variance=true", "grpo.eval_prompts=3", "grpo.checkpoint_every=1", "grpo.data.max_rows=24",
         "grpo.lr_scheduler=constant", "eval.max_rows=5", "eval.max_new_tokens=4", "eval.batch_size=2",
         "scaling.num_workers=2", f"tracking.uri={uri}", f"tracking.artifact_location={(tmp_path / 'art').as_uri()}",
-        f"output_dir={tmp_path / 'out'}", "name=gds"])
+        f"output_dir={tmp_path / 'out'}", "name=gds", f"grpo.generation.gather_weights={str(gather).lower()}"])
     o = _run(cfg)
     client = MlflowClient(uri)
     run = client.get_run(o.run_id)
