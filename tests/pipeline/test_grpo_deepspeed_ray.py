@@ -37,11 +37,12 @@ def _run(cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gather", [False, True], ids=["synced", "gathered"])
+@pytest.mark.parametrize("gather", [False, True], ids=["synced-full-logits", "gathered-chunked"])
 def test_grpo_trains_under_zero3_with_uneven_work_per_worker(tmp_path: Path, gather: bool) -> None:
-    """``gathered``: ``generation.gather_weights``, each worker samples on weights gathered once per
-    call, without ``synced_gpus``: responses ending at different tokens on the two workers must not
-    leave one waiting on a collective the other never calls."""
+    """``gathered-chunked``: ``generation.gather_weights``, each worker samples on weights gathered
+    once per call, without ``synced_gpus`` (responses ending at different tokens on the two workers
+    must not leave one waiting on a collective the other never calls), and ``chunked_loss``: the
+    log-probabilities through the partitioned LM head in re-entrant-checkpointed chunks."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(REPO / "configs" / "quickstart-grpo.yaml", [
         "stages=[grpo]", "deepspeed=zero3", "grpo.policy_init=null", "grpo.max_steps=2", "grpo.prompts_per_step=2",
@@ -49,13 +50,13 @@ def test_grpo_trains_under_zero3_with_uneven_work_per_worker(tmp_path: Path, gat
         "grpo.filter_zero_variance=true", "grpo.eval_prompts=3", "grpo.checkpoint_every=1", "grpo.data.max_rows=24",
         "grpo.lr_scheduler=constant", "eval.max_rows=5", "eval.max_new_tokens=4", "eval.batch_size=2",
         "scaling.num_workers=2", f"tracking.uri={uri}", f"tracking.artifact_location={(tmp_path / 'art').as_uri()}",
-        f"output_dir={tmp_path / 'out'}", "name=gds", f"grpo.generation.gather_weights={str(gather).lower()}"])
+        f"output_dir={tmp_path / 'out'}", "name=gds", f"grpo.generation.gather_weights={str(gather).lower()}", f"grpo.chunked_loss={str(gather).lower()}"])
     o = _run(cfg)
     client = MlflowClient(uri)
     run = client.get_run(o.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["raypeft.zero_stage"] == "3"
     metrics = run.data.metrics
-    assert metrics["zero_stage"] == 3.0
+    assert metrics["zero_stage"] == 3.0 and metrics["chunked_loss"] == float(gather)
     for key in ("reward_mean", "group_reward_std", "kl", "zero_variance_group_fraction"):
         assert [m.step for m in client.get_metric_history(o.run_id, key)] == [1, 2], key
     for key in ("eval_reward_before", "eval_reward_after", "eval_kl_after", "rougeL_before", "rougeL_after"):
