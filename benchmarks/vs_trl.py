@@ -289,6 +289,7 @@ def ours_grpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
                            clip_groups=[roles.trainable_parameters(grpo.POLICY)])
     gen_engine = RolloutEngine(spec.generation)  # one per stage, as the stage keeps it
     gen_engine.reserve(max(len(p["input_ids"]) for p in prompt_set))  # as the stage does
+    chunked = enabled(spec.chunked_loss, roles.model, device)  # the stage's grpo.chunked_loss
     clock, parts = StepClock(device), []
     if args.profile and engine:
         grpo.update = phase("grpo.update", grpo.update)
@@ -299,16 +300,16 @@ def ours_grpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             else contextlib.nullcontext()
         with profiler:
             ro = ours_grpo_step(args, step, roles, spec, functions, rows, prompt_set, tok, device, gen_engine, backend,
-                                clock)
+                                clock, chunked)
         parts.append({"rollout_s": clock.marks[-1], "new_tokens": int(ro.mask.sum())})
         if isinstance(profiler, torch.profiler.profile):
-            write_profile(profiler, f"profile_grpo_{args.size}_{device.type}.txt", args)
+            write_profile(profiler, f"profile_grpo_{args.size}_{device.type}.txt")
     timed = parts[args.warmup:]
     return {**clock.summary(args.warmup), **peak_memory(device),
             "rollout_s_mean": statistics.mean(p["rollout_s"] for p in timed),
             "new_tokens_per_step_mean": statistics.mean(p["new_tokens"] for p in timed),
             "generation": {k: v for k, v in spec.generation.model_dump().items() if k != "max_new_tokens"},
-            "chunked_loss": enabled(spec.chunked_loss, roles.model, device)}
+            "chunked_loss": chunked}
 
 
 def phase(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -319,7 +320,7 @@ def phase(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return labelled
 
 
-def write_profile(prof: Any, name: str, args: argparse.Namespace) -> None:
+def write_profile(prof: Any, name: str) -> None:
     """The profiled step's phases (CPU and device time) and its top operators by device time."""
     events = prof.key_averages()
     lines = [f"`{command_line()}`", "", "==== phases (total CPU / device ms)"]
@@ -338,14 +339,13 @@ def write_profile(prof: Any, name: str, args: argparse.Namespace) -> None:
 
 def ours_grpo_step(args: argparse.Namespace, step: int, roles: Roles, spec: Any, functions: list[Any], rows: Any,
                    prompt_set: list[dict[str, Any]], tok: Any, device: torch.device, gen_engine: Any,
-                   backend: TorchBackend, clock: StepClock) -> Any:
+                   backend: TorchBackend, clock: StepClock, chunked: bool) -> Any:
     from raypeft.pipeline.data import PromptCollator
     from raypeft.pipeline.stages import grpo
 
     ids = list(range(step * args.prompts, (step + 1) * args.prompts))
     torch.manual_seed(args.seed * 100003 + step)
     clock.begin()
-    chunked = enabled(spec.chunked_loss, roles.model, device)  # the stage's grpo.chunked_loss
     group, scores = grpo.rollout_step(roles, prompt_set, rows, ids, functions, spec, tok,
                                       PromptCollator(pad_token_id=0), device, {}, old_logprobs=True,
                                       reference=True, num_generations=spec.num_generations,

@@ -260,6 +260,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     if spec.eval_prompts >= len(prompts):
         raise ValueError(f"ppo.eval_prompts: {spec.eval_prompts} held-out prompts leave none of {len(prompts)} "
                          "for training")
+    longest_prompt = max(map(len, prompts["input_ids"]), default=0)  # held-out prompts included
     eval_prompts = prompts.select(range(len(prompts) - spec.eval_prompts, len(prompts)))
     prompts = prompts.select(range(len(prompts) - spec.eval_prompts))
     collate = PromptCollator(pad_token_id=tokenizer.pad_token_id)
@@ -293,8 +294,7 @@ def train_loop(payload: dict[str, Any]) -> None:
                     "non_base_non_role_params": census["other_params"]}, step=0)
     gen_engine = RolloutEngine(spec.generation)
     gen_engine.gather_with(backend.whole_model)  # generation.gather_weights under ZeRO-3
-    gen_engine.reserve(max(max(map(len, prompts["input_ids"]), default=0),
-                           max(map(len, eval_prompts["input_ids"]), default=0)))
+    gen_engine.reserve(longest_prompt)
     chunked = lm_head_loss.enabled(spec.chunked_loss, roles.model, worker.device)  # response positions only
     if worker.is_main:
         logger.log({"chunked_loss": float(chunked)}, step=0)
