@@ -78,6 +78,20 @@ def _folded_weight(layer: LoraLinear, adapter_name: str, dtype: torch.dtype) -> 
         return (base + delta).to(dtype)
 
 
+def _fold_into(layer: LoraLinear, adapter_name: str, out: torch.Tensor) -> None:
+    """Write ``W0 + delta`` into ``out`` (the copy's weight), bit for bit what
+    :func:`_folded_weight` returns, in one elementwise pass for plain LoRA: the sum is taken in
+    float32 (the wider of the two operands) and rounded once into ``out``'s dtype, without the
+    float32 copy of the base and of the sum that the general path allocates. Refreshing the copy
+    runs before every rollout, over every adapted weight, so at 8B shapes the passes add up."""
+    if adapter_name in layer.lora_magnitude_vector:  # DoRA: its delta needs the float32 base
+        out.copy_(_folded_weight(layer, adapter_name, out.dtype))
+        return
+    with torch.no_grad():
+        base = layer._dense_weight_oi()
+        torch.add(base, layer._merge_delta_oi(adapter_name, base), out=out)
+
+
 def _compute_dtype(layer: LoraLinear) -> torch.dtype:
     base = layer.base_layer
     return quant.compute_dtype(base) if quant.is_quantized(base) else base.weight.dtype
@@ -104,7 +118,7 @@ class GenerationCopy:
     def refresh(self) -> None:
         """Recompute every folded weight from the adapter's current tensors, in place."""
         for _, _, layer, folded in self._slots:
-            folded.weight.copy_(_folded_weight(layer, self.adapter_name, folded.weight.dtype))
+            _fold_into(layer, self.adapter_name, folded.weight)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:

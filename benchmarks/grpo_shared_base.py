@@ -54,14 +54,15 @@ def grpo_roles(base: torch.nn.Module, rank: int):
 
 
 def grpo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, seed: int,
-               chunked: bool = False) -> list[dict]:
+               chunked: bool = False, width_multiple: int | None = None) -> list[dict]:
     from raypeft.pipeline import group_rollout, rollout
     from raypeft.pipeline.rewards.scoring import RewardScores
     from raypeft.pipeline.rollout_engine import RolloutEngine
     from raypeft.pipeline.stages import grpo
 
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2)
-    engine = RolloutEngine(spec.generation)  # one per stage: its folded copy and compiled step persist
+    # one per stage: its folded copy and compiled step persist
+    engine = RolloutEngine(spec.generation, width_multiple)
     need_ref = spec.kl.coef > 0
     need_old = spec.update_epochs > 1 or spec.minibatches > 1
     out = []
@@ -110,6 +111,7 @@ def main() -> None:
     from raypeft.pipeline.backends import TorchBackend
     from raypeft.pipeline.config import parse_config
     from raypeft.pipeline.stages import grpo
+    from raypeft.pipeline.stages.common import GPU_PAD_MULTIPLE
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="1b", help="perf_common.llama_config shapes (8b, 1b, tiny, ...)")
@@ -159,15 +161,19 @@ def main() -> None:
         f"{spec.minibatches} minibatches, 1 epoch, KL coef {spec.kl.coef}; means over steps 2..{args.steps}")
 
     chunked = lm_head_loss.enabled(yaml.safe_load(args.chunked_loss), roles.model, device)
-    runs = [("default generation path, full logits", {}, False)]
+    multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else None  # the stage's data.pad_to_multiple_of: auto
+    runs = [("default generation path, full logits", {}, False, None)]
     if args.engine:
-        runs.append((f"rollout engine ({', '.join(args.engine + [f'chunked_loss={str(chunked).lower()}'])})",
-                     {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.engine)}, chunked))
+        label = ", ".join(args.engine + [f"chunked_loss={str(chunked).lower()}", f"width_multiple={multiple}"])
+        runs.append((f"rollout engine ({label})",
+                     {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.engine)}, chunked,
+                     multiple))
     seconds = {}
-    for label, levers, chunks in runs:
+    for label, levers, chunks, width_multiple in runs:
         run_spec = spec.model_copy(update={"generation": spec.generation.model_copy(update=levers)})
         reset(device)
-        steps = grpo_steps(roles, run_spec, backend, prompts, args.steps, device, seed=0, chunked=chunks)
+        steps = grpo_steps(roles, run_spec, backend, prompts, args.steps, device, seed=0, chunked=chunks,
+                           width_multiple=width_multiple)
         p = peaks(device)
         seconds[label] = mean(steps, "seconds")
         report.add([label, seconds[label], mean(steps, "generate_s"), mean(steps, "score_s"), mean(steps, "update_s"),

@@ -92,7 +92,7 @@ def bytes_on(device: torch.device) -> int:
 
 
 def ppo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, seed: int,
-              chunked: bool = False) -> list[dict]:
+              chunked: bool = False, width_multiple: int | None = None) -> list[dict]:
     from raypeft.pipeline.rl_math import RunningMoments
     from raypeft.pipeline.rollout_engine import RolloutEngine
     from raypeft.pipeline.stages import ppo
@@ -101,7 +101,8 @@ def ppo_steps(roles, spec, backend, prompts, steps: int, device: torch.device, s
     generator = torch.Generator().manual_seed(seed)
     out = []
     moments = RunningMoments()  # ppo.normalize_scores, as the stage does
-    engine = RolloutEngine(spec.generation)  # one per stage: its folded copy and compiled step persist
+    # one per stage: its folded copy and compiled step persist
+    engine = RolloutEngine(spec.generation, width_multiple)
     for step in range(steps):
         sync(device)
         t0 = time.perf_counter()
@@ -145,6 +146,7 @@ def main() -> None:
     from raypeft.pipeline.backends import TorchBackend
     from raypeft.pipeline.config import parse_config
     from raypeft.pipeline.stages import ppo
+    from raypeft.pipeline.stages.common import GPU_PAD_MULTIPLE
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="8b", help="perf_common.llama_config shapes (8b, 1b, tiny, ...)")
@@ -217,15 +219,18 @@ def main() -> None:
         fast = spec.model_copy(update={"generation": spec.generation.model_copy(update=levers)})
         reset(device)
         chunked = lm_head_loss.enabled(yaml.safe_load(args.chunked_loss), roles.model, device)
-        steps = ppo_steps(roles, fast, backend, prompts, args.steps, device, seed=0, chunked=chunked)
+        multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else None  # the stage's data.pad_to_multiple_of: auto
+        steps = ppo_steps(roles, fast, backend, prompts, args.steps, device, seed=0, chunked=chunked,
+                          width_multiple=multiple)
         fast_peaks = peaks(device)
         timed = steps[1:] or steps
         fast_s = sum(s["seconds"] for s in timed) / len(timed)
-        label = ", ".join(args.engine + [f"chunked_loss={str(chunked).lower()}"])
+        label = ", ".join(args.engine + [f"chunked_loss={str(chunked).lower()}", f"width_multiple={multiple}"])
         report.add([f"shared base, rollout engine ({label})", 1,
                     fast_peaks.get("peak_allocated_gib", float("nan")), fast_peaks.get("peak_reserved_gib", float("nan")),
                     base_bytes / GIB, fast_s, sum(s["tokens_per_s"] for s in timed) / len(timed)],
-                   {"layout": "shared_engine", "engine": levers, "chunked_loss": chunked, "steps": steps,
+                   {"layout": "shared_engine", "engine": levers, "chunked_loss": chunked, "width_multiple": multiple,
+                    "steps": steps,
                     **fast_peaks})
         report.notes.append(f"rollout engine ({label}): {mean_s / fast_s:.2f}x faster per PPO step than the default "
                             "generation path with full-vocabulary logits (today's path) in the same run (first step "

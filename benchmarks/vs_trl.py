@@ -287,7 +287,8 @@ def ours_grpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     backend = TorchBackend(roles, lr=LR, weight_decay=0.0, scheduler="constant", warmup_steps=0,
                            total_steps=args.steps * spec.minibatches, max_grad_norm=1.0,
                            clip_groups=[roles.trainable_parameters(grpo.POLICY)])
-    gen_engine = RolloutEngine(spec.generation)  # one per stage, as the stage keeps it
+    # one per stage, as the stage keeps it; rollouts right-padded as the stage pads them
+    gen_engine = RolloutEngine(spec.generation, GPU_PAD_MULTIPLE if device.type == "cuda" else None)
     gen_engine.reserve(max(len(p["input_ids"]) for p in prompt_set))  # as the stage does
     chunked = enabled(spec.chunked_loss, roles.model, device)  # the stage's grpo.chunked_loss
     clock, parts = StepClock(device), []

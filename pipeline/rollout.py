@@ -52,11 +52,14 @@ class Rollout:
 
 
 def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generated: torch.Tensor, eos_id: int,
-         pad_id: int) -> Rollout:
+         pad_id: int, width_multiple: int | None = None) -> Rollout:
     """Re-pack left-padded prompts and their generated continuations as right-padded rows.
 
     A response ends after its first ``eos_id`` (kept); a row that never emits one keeps all its
-    tokens and is marked not ``ended``.
+    tokens and is marked not ``ended``. ``width_multiple``: the rows' width is rounded up to a
+    multiple of it (masked padding), so the scoring and update forwards see a few shapes rather
+    than a new one per rollout (``data.pad_to_multiple_of``; on a GPU each new shape costs a cuDNN
+    attention plan, as in SFT and DPO). Every figure reads real positions only, so it changes none.
     """
     rows, starts, lengths, ended = [], [], [], []
     for p_ids, p_mask, gen in zip(prompt_ids.tolist(), prompt_mask.tolist(), generated.tolist()):
@@ -68,6 +71,8 @@ def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generated: torch.T
         lengths.append(len(response))
         ended.append(eos_id in gen)
     width, steps = max(len(r) for r in rows), max(lengths)
+    if width_multiple:
+        width = -(-width // width_multiple) * width_multiple
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     tokens = torch.full((len(rows), steps), pad_id, dtype=torch.long)
@@ -160,7 +165,7 @@ def sample(roles: Roles, policy: str, prompts: dict[str, torch.Tensor], generati
                                     generate_kwargs=generate_kwargs).cpu()
     device = prompts["input_ids"].device
     ro = pack(prompts["input_ids"].cpu(), prompts["attention_mask"].cpu(), generated, tokenizer.eos_token_id,
-              tokenizer.pad_token_id)
+              tokenizer.pad_token_id, engine.width_multiple)
     for name in ("input_ids", "attention_mask", "index", "tokens", "mask", "ended"):
         setattr(ro, name, getattr(ro, name).to(device))
     return ro

@@ -91,10 +91,16 @@ def input_grad_hooks_off(model: nn.Module) -> Iterator[None]:
 
 
 class RolloutEngine:
-    """Generation settings plus the folded copies it keeps between calls (one per adapter name)."""
+    """Generation settings plus the folded copies it keeps between calls (one per adapter name).
 
-    def __init__(self, spec: GenerationSpec) -> None:
+    ``width_multiple``: how ``rollout.sample`` lays out what it sampled for scoring and the update
+    (rows right-padded to a multiple of it; the stages pass ``data.pad_to_multiple_of``); it does
+    not change generation.
+    """
+
+    def __init__(self, spec: GenerationSpec, width_multiple: int | None = None) -> None:
         self.spec = spec
+        self.width_multiple = width_multiple
         self._copies: dict[str, GenerationCopy] = {}
         self.loop = DecodeLoop(compile=spec.compile, drop_finished=spec.drop_finished)
         self.last_path = ""  # "own" or "hf": how the last call generated (tests and benchmarks read it)

@@ -361,7 +361,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         logger.log({"trainable_params": n_params, "prompts": n_train, "base_params": census["base_params"],
                     "base_params_missing": census["base_missing"], "non_base_non_role_params": census["other_params"],
                     "reference_is_base": float(roles.is_base(REFERENCE))}, step=0)
-    gen_engine = RolloutEngine(spec.generation)
+    gen_engine = RolloutEngine(spec.generation, common.pad_multiple(cfg, worker))
     gen_engine.gather_with(backend.whole_model)  # generation.gather_weights under ZeRO-3
     gen_engine.reserve(max(map(len, prompt_set["input_ids"]), default=0))
     chunked = lm_head_loss.enabled(spec.chunked_loss, roles.model, worker.device)  # completion positions only

@@ -242,3 +242,21 @@ def test_input_grad_hooks_are_off_while_generating_and_back_after() -> None:
             assert not any(getattr(m, "_require_grads_hooks", None) for m in model.modules())
             assert embed(ids).requires_grad is False
     assert embed(ids).requires_grad is True  # live again after the call: adapters below get gradients
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_refreshing_the_copy_gives_the_fold_bit_for_bit(dora: bool, dtype: torch.dtype) -> None:
+    """The refresh before each rollout (one pass per weight for plain LoRA) writes exactly what
+    folding from scratch gives, on a float32 and a bf16 base, after the adapter moved."""
+    from raypeft.adapters.generation_copy import _folded_weight
+
+    model = get_adapter_model(_base(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=dora),
+                              adapter_name="policy").to(dtype)
+    _trained_like(model)
+    copy_ = GenerationCopy(model, "policy")
+    _trained_like(model, seed=7)  # the adapter moves after the copy was made
+    copy_.refresh()
+    for _, _, layer, folded in copy_._slots:
+        assert folded.weight.dtype == dtype
+        assert torch.equal(folded.weight, _folded_weight(layer, "policy", dtype))
