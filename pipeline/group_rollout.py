@@ -72,30 +72,16 @@ def sample_groups(roles: Roles, policy: str, prompt_set: Any, rows: Any, ids: Se
     return GroupRollout(ro, num_generations, expanded, prompts, picked, decode_completions(ro, tokenizer))
 
 
-@torch.no_grad()
 def score_tokens(roles: Roles, ro: Rollout, *, chunk: int, temperature: float, policy: str | None,
                  reference: str | None, reward: str | None, chunked: bool = False) -> None:
     """Fill, in place and ``chunk`` rows per forward, only what the update needs: the sampling
     policy's log-probs (``ro.logprobs``; None: the update's first forward is the old policy),
     the reference's (``ro.ref_logprobs``; None: no KL term, no reference forward) and a reward
     model's scores (``ro.scores``; None: programmable rewards only). Per-token figures are zero
-    past each response's end. ``chunked``: log-probabilities without full logits
-    (``rollout.policy_terms``)."""
-    device = ro.input_ids.device
-    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "scores": []}
-    for start in range(0, ro.input_ids.shape[0], chunk):
-        rows = ro.rows(torch.arange(start, min(start + chunk, ro.input_ids.shape[0]), device=device))
-        if policy is not None:
-            parts["logprobs"].append(rollout.policy_terms(roles, policy, rows, temperature, chunked=chunked)[0])
-        if reference is not None:
-            parts["ref_logprobs"].append(rollout.policy_terms(roles, reference, rows, temperature, chunked=chunked)[0])
-        if reward is not None:
-            parts["scores"].append(roles.scores(reward, rows["input_ids"], rows["attention_mask"]))
-    mask = ro.mask.float()
-    for name, chunks in parts.items():
-        if chunks:
-            value = torch.cat(chunks)
-            setattr(ro, name, value * mask if value.dim() == 2 else value)
+    past each response's end. ``chunked``: log-probabilities without full logits, from one
+    forward for every role where they can share it (``rollout.chunk_figures``)."""
+    rollout.score_chunks(roles, ro, chunk=chunk, temperature=temperature, chunked=chunked, policy=policy,
+                         reference=reference, reward=reward)
 
 
 def score_rewards(group: GroupRollout, functions: Sequence[RewardFunction], model_scores: torch.Tensor | None = None,

@@ -171,25 +171,62 @@ def sample(roles: Roles, policy: str, prompts: dict[str, torch.Tensor], generati
     return ro
 
 
+_FIGURES = ("logprobs", "ref_logprobs", "scores", "values")  # Rollout fields scoring fills, per role below
+
+
+def chunk_figures(roles: Roles, rows: dict[str, torch.Tensor], *, temperature: float, chunked: bool,
+                  policy: str | None = None, reference: str | None = None, reward: str | None = None,
+                  critic: str | None = None) -> dict[str, torch.Tensor]:
+    """The scoring figures of one chunk of rows for the roles given (None: not wanted): the
+    response tokens' log-probabilities under ``policy`` (``logprobs``) and ``reference``
+    (``ref_logprobs``), the reward model's ``scores [B]`` and the critic's ``values``.
+
+    With ``chunked`` and roles that can (``Roles.can_share_forward``), every role answers from one
+    mixed-adapter forward over the rows repeated per role instead of a forward each: the base runs
+    once for all of them (a 4-bit base is dequantized once), the same figures within float
+    rounding."""
+    wanted = [(name, role) for name, role in zip(_FIGURES, (policy, reference, reward, critic)) if role is not None]
+    if chunked and wanted and roles.can_share_forward([role for _, role in wanted]):
+        kinds = {"logprobs": "label_logprobs", "ref_logprobs": "label_logprobs", "scores": "scores",
+                 "values": "values"}
+        outputs = roles.run(rows["input_ids"], rows["attention_mask"], *[(kinds[n], role) for n, role in wanted],
+                            labels=response_labels(rows), temperature=temperature, shared=True)
+        return {name: out if name == "scores" else gather_positions(out[:, :-1] if name == "values" else out,
+                                                                    rows["index"])
+                for (name, _), out in zip(wanted, outputs)}
+    figures: dict[str, torch.Tensor] = {}
+    for name, role in wanted:
+        if name == "scores":
+            figures[name] = roles.scores(role, rows["input_ids"], rows["attention_mask"])
+        elif name == "values":
+            figures[name] = token_values(roles, role, rows)
+        else:
+            figures[name] = policy_terms(roles, role, rows, temperature, chunked=chunked)[0]
+    return figures
+
+
 @torch.no_grad()
+def score_chunks(roles: Roles, ro: Rollout, *, chunk: int, temperature: float, chunked: bool = False,
+                 **role_names: str | None) -> None:
+    """Fill the :func:`chunk_figures` of ``role_names`` (policy, reference, reward, critic) into
+    ``ro`` in place, ``chunk`` rows per forward; per-token figures are zero past each response's end."""
+    device = ro.input_ids.device
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, ro.input_ids.shape[0], chunk):
+        rows = ro.rows(torch.arange(start, min(start + chunk, ro.input_ids.shape[0]), device=device))
+        for name, value in chunk_figures(roles, rows, temperature=temperature, chunked=chunked,
+                                         **role_names).items():
+            parts.setdefault(name, []).append(value)
+    mask = ro.mask.float()
+    for name, chunks in parts.items():
+        value = torch.cat(chunks)
+        setattr(ro, name, value * mask if value.dim() == 2 else value)
+
+
 def score(roles: Roles, ro: Rollout, *, chunk: int, temperature: float, policy: str, reference: str, reward: str,
           critic: str | None = None, chunked: bool = False) -> None:
     """Fill ``ro.logprobs``, ``ro.ref_logprobs``, ``ro.scores`` (and ``ro.values`` with a ``critic``)
-    in place, ``chunk`` rows per forward; per-token figures are zero past each response's end.
-    ``chunked``: the log-probabilities without full logits (:func:`policy_terms`)."""
-    device = ro.input_ids.device
-    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
-    for start in range(0, ro.input_ids.shape[0], chunk):
-        rows = ro.rows(torch.arange(start, min(start + chunk, ro.input_ids.shape[0]), device=device))
-        parts["logprobs"].append(policy_terms(roles, policy, rows, temperature, chunked=chunked)[0])
-        parts["ref_logprobs"].append(policy_terms(roles, reference, rows, temperature, chunked=chunked)[0])
-        if critic is not None:
-            parts["values"].append(token_values(roles, critic, rows))
-        parts["scores"].append(roles.scores(reward, rows["input_ids"], rows["attention_mask"]))
-    for name, chunks in parts.items():
-        if chunks:
-            setattr(ro, name, torch.cat(chunks))
-    mask = ro.mask.float()
-    ro.logprobs, ro.ref_logprobs = ro.logprobs * mask, ro.ref_logprobs * mask
-    if critic is not None:
-        ro.values = ro.values * mask
+    in place, ``chunk`` rows per forward (:func:`score_chunks`). ``chunked``: the log-probabilities
+    without full logits, and one forward for every role where they can share it."""
+    score_chunks(roles, ro, chunk=chunk, temperature=temperature, chunked=chunked, policy=policy,
+                 reference=reference, reward=reward, critic=critic)

@@ -131,6 +131,81 @@ def test_scoring_fills_the_same_rollout() -> None:
     assert not torch.equal(filled[True][0], filled[True][1])  # the policy is not the reference
 
 
+def _four_roles() -> Roles:
+    """The PPO roles with every adapter and value head off its initialisation (a zero LoRA B or
+    head would hide a role answering with another's weights)."""
+    roles = _roles()
+    roles.add(ppo.REWARD, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), trainable=False,
+              value_head="zero")
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in roles.named_parameters():
+            if "lora_" in name or name.startswith("heads."):
+                p.normal_(0, 0.05)
+    return roles.double().eval()
+
+
+class _ForwardCount:
+    """How many times the transformers model under the roles ran a forward."""
+
+    def __init__(self, roles: Roles) -> None:
+        self.calls = 0
+        roles.model.get_base_model().model.register_forward_hook(self._hook)
+
+    def _hook(self, *_: object) -> None:
+        self.calls += 1
+
+
+def test_scoring_shares_one_forward_among_the_roles(monkeypatch) -> None:
+    """Chunked scoring runs policy, reference (the bare base), reward and critic as one
+    mixed-adapter forward per chunk, with the figures of one forward per role."""
+    roles = _four_roles()
+    names = dict(policy=ppo.POLICY, reference=ppo.REFERENCE, reward=ppo.REWARD, critic=ppo.CRITIC)
+    assert roles.can_share_forward(list(names.values()))
+    count = _ForwardCount(roles)
+    shared = _rollout()
+    rollout.score(roles, shared, chunk=4, temperature=TEMPERATURE, chunked=True, **names)
+    assert count.calls == 2  # 6 rows in chunks of 4: one forward per chunk for all four roles
+    monkeypatch.setattr(Roles, "can_share_forward", lambda self, roles: False)
+    count.calls = 0
+    alone = _rollout()
+    rollout.score(roles, alone, chunk=4, temperature=TEMPERATURE, chunked=True, **names)
+    assert count.calls == 8
+    for name in ("logprobs", "ref_logprobs", "values", "scores"):
+        torch.testing.assert_close(getattr(shared, name), getattr(alone, name), rtol=1e-10, atol=1e-12, msg=name)
+        assert getattr(shared, name).abs().sum() > 0, name
+    assert not torch.equal(shared.logprobs, shared.ref_logprobs)
+    # GRPO's subset (no critic, no old policy): the same, from one forward per chunk too
+    monkeypatch.undo()
+    group = _rollout()
+    count.calls = 0
+    group_rollout.score_tokens(roles, group, chunk=6, temperature=TEMPERATURE, policy=None, reference=ppo.REFERENCE,
+                               reward=ppo.REWARD, chunked=True)
+    assert count.calls == 1 and group.logprobs is None
+    torch.testing.assert_close(group.ref_logprobs, alone.ref_logprobs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(group.scores, alone.scores, rtol=1e-10, atol=1e-12)
+
+
+def test_roles_that_cannot_share_a_forward() -> None:
+    from raypeft.adapters import PromptTuningConfig
+
+    roles = _four_roles()
+    roles.add("prompted", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2), trainable=False)
+    # virtual tokens change the sequence; while such a role exists (it may be the active adapter) none share
+    assert not roles.can_share_forward([ppo.POLICY, "prompted"])
+    assert not roles.can_share_forward([ppo.POLICY, ppo.REFERENCE])
+    with pytest.raises(ValueError, match="cannot share one forward"):
+        roles.run(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3), ("values", ppo.CRITIC),
+                  ("label_logprobs", ppo.POLICY), labels=torch.ones(1, 3, dtype=torch.long), shared=True)
+    with pytest.raises(ValueError, match="cannot come from a shared forward"):
+        roles.run(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3), ("logits", ppo.POLICY), shared=True)
+    assert not _four_roles().can_share_forward([ppo.POLICY, "unknown"])
+    headed = Roles(_base().double())
+    headed.add(ppo.POLICY, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]), trainable=True)
+    headed.add_base(ppo.REFERENCE)
+    assert not headed.can_share_forward([ppo.POLICY, ppo.REFERENCE])  # a per-row adapter on the LM head
+
+
 def test_grpo_update_steps_are_the_same() -> None:
     spec = parse_config({"grpo": {"prompts_per_step": 3, "num_generations": 2, "minibatches": 3, "update_epochs": 2,
                                   "learning_rate": 1e-2, "kl": {"coef": 0.1},
