@@ -125,7 +125,7 @@ class AdapterLayer(nn.Module):
         assert routing is not None
         held = set(self.adapter_names)
         saved = self._forward_adapters
-        outputs: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        outputs: list[tuple[torch.Tensor | slice | None, torch.Tensor]] = []
         self._routing = None  # the per-group calls below are plain forwards
         try:
             for name, rows in routing.groups(x.shape[0], x.device):

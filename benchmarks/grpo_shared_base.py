@@ -33,7 +33,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_common import Report, sync  # noqa: E402
-from ppo_shared_base import GIB, bytes_on, peaks, quantized_base, reset  # noqa: E402
+from ppo_shared_base import GIB, bytes_on, peaks, quantized_base, reset, width_multiple  # noqa: E402
 
 
 def grpo_roles(base: torch.nn.Module, rank: int):
@@ -128,6 +128,10 @@ def main() -> None:
     parser.add_argument("--suffix", default="")
     parser.add_argument("--chunked-loss", default="auto",
                         help="grpo.chunked_loss of the engine run (true/false/auto; the default path: false)")
+    parser.add_argument("--width-multiple", default="auto",
+                        help="the engine run's rollout width multiple (auto: the stage's, 64 on a GPU; none; or N)")
+    parser.add_argument("--no-shared-scoring", action="store_true",
+                        help="score each role with a forward of its own (Roles.share_forward off)")
     parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                         help="also time the steps with these grpo.generation engine settings (repeatable)")
     args = parser.parse_args()
@@ -139,6 +143,7 @@ def main() -> None:
     base = quantized_base(args.size, device, dtype, seed=0, intermediate=args.intermediate)
     base_bytes = bytes_on(device) - before
     roles = grpo_roles(base, args.rank)
+    roles.share_forward = not args.no_shared_scoring
     spec = parse_config({"grpo": {"prompts_per_step": args.prompts, "num_generations": args.generations,
                                   "minibatches": args.minibatches, "learning_rate": 1e-5,
                                   "generation": {"max_new_tokens": args.new_tokens},
@@ -161,19 +166,20 @@ def main() -> None:
         f"{spec.minibatches} minibatches, 1 epoch, KL coef {spec.kl.coef}; means over steps 2..{args.steps}")
 
     chunked = lm_head_loss.enabled(yaml.safe_load(args.chunked_loss), roles.model, device)
-    multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else None  # the stage's data.pad_to_multiple_of: auto
+    multiple = width_multiple(args.width_multiple, device, GPU_PAD_MULTIPLE)
     runs = [("default generation path, full logits", {}, False, None)]
     if args.engine:
-        label = ", ".join(args.engine + [f"chunked_loss={str(chunked).lower()}", f"width_multiple={multiple}"])
+        label = ", ".join(args.engine + [f"chunked_loss={str(chunked).lower()}", f"width_multiple={multiple}"]
+                          + (["shared scoring off"] if args.no_shared_scoring else []))
         runs.append((f"rollout engine ({label})",
                      {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.engine)}, chunked,
                      multiple))
     seconds = {}
-    for label, levers, chunks, width_multiple in runs:
+    for label, levers, chunks, row_multiple in runs:
         run_spec = spec.model_copy(update={"generation": spec.generation.model_copy(update=levers)})
         reset(device)
         steps = grpo_steps(roles, run_spec, backend, prompts, args.steps, device, seed=0, chunked=chunks,
-                           width_multiple=width_multiple)
+                           width_multiple=row_multiple)
         p = peaks(device)
         seconds[label] = mean(steps, "seconds")
         report.add([label, seconds[label], mean(steps, "generate_s"), mean(steps, "score_s"), mean(steps, "update_s"),

@@ -128,6 +128,7 @@ class Roles(nn.Module):
         # The engine that wraps this module, if any, in a list so that nn.Module does not register
         # it as a child of what it wraps (empty: role outputs come from this module's own call).
         self._entry: list[Callable[..., tuple[torch.Tensor, ...]]] = []
+        self.share_forward = True  # False: every role output from a forward of its own (benchmarks compare)
 
     # ------------------------------------------------------------------ building
     @property
@@ -276,7 +277,7 @@ class Roles(nn.Module):
         roles may be one, as the model's active adapter must not be one either), and no
         adapter sits on the LM head (the label projection gathers positions across rows, where a
         per-row adapter could not follow), on a model whose logits are its head's output."""
-        if self.model is None or not supports(self.model):
+        if not self.share_forward or self.model is None or not supports(self.model):
             return False
         if isinstance(self._base_module().get_output_embeddings(), AdapterLayer):
             return False

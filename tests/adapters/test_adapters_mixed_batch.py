@@ -241,3 +241,53 @@ def test_matches_peft_mixed_batch_inference(llama_base, input_ids, tmp_path):
         ours = model(input_ids=batch, adapter_names=names).logits
         expected = _quiet(theirs, input_ids=batch, adapter_names=names).logits
     assert (ours - expected).abs().max() <= TOL
+
+
+def test_row_groups_are_slices_for_runs_and_indices_otherwise():
+    from raypeft.adapters.routing import RowRouting
+
+    cpu = torch.device("cpu")
+    stacked = RowRouting(["a", "a", "__base__", "__base__", "b", "b"]).groups(6, cpu)
+    assert stacked == [("a", slice(0, 2)), ("__base__", slice(2, 4)), ("b", slice(4, 6))]
+    assert RowRouting(["a", "b"]).groups(6, cpu) == [("a", slice(0, 3)), ("b", slice(3, 6))]  # rows expanded x3
+    mixed = RowRouting(["a", "b", "a"]).groups(3, cpu)
+    assert mixed[0][0] == "a" and torch.equal(mixed[0][1], torch.tensor([0, 2])) and mixed[1] == ("b", slice(1, 2))
+
+
+@pytest.mark.parametrize("case", ["lora_ranks_targets_dora", "lora_modules_to_save", "ia3", "llama_adapter"])
+def test_rows_stacked_by_adapter_equal_each_row_alone(case, llama_base, input_ids):
+    """Each adapter's rows together (how the pipeline scores its roles in one forward): row runs
+    are views, and LoRA adds its product into them with one GEMM."""
+    model = _model(llama_base, LLAMA_CASES[case])
+    names = list(LLAMA_CASES[case]) + ["__base__"]
+    batch = torch.cat([input_ids, input_ids.flip(0)] * len(names))[: 2 * len(names)]
+    _check_rows(model, batch, [n for n in names for _ in range(2)])
+
+
+def test_gradients_with_rows_stacked_by_adapter(llama_base, input_ids):
+    model = _model(llama_base, LLAMA_CASES["lora_ranks_targets_dora"])
+    model.train()
+    names = ["a", "a", "b", "b", "__base__", "__base__"]
+    batch = torch.cat([input_ids, input_ids.flip(0), input_ids])
+    weights = torch.randn(6, batch.shape[1], 100, generator=torch.Generator().manual_seed(0))
+    adapter_params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def train_adapters():
+        for p in adapter_params.values():
+            p.requires_grad_(True)
+
+    train_adapters()
+    (model(input_ids=batch, adapter_names=names).logits * weights).sum().backward()
+    mixed = {n: p.grad.clone() for n, p in adapter_params.items() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    for name, rows in (("a", slice(0, 2)), ("b", slice(2, 4))):
+        model.set_adapter(name)
+        train_adapters()
+        (model(input_ids=batch[rows]).logits * weights[rows]).sum().backward()
+        for key, p in adapter_params.items():
+            if p.grad is not None and (f".{name}." in key or key.endswith(f".{name}")):
+                assert torch.allclose(mixed[key], p.grad, atol=1e-5), key
+        model.zero_grad(set_to_none=True)
+    assert any(".a." in k for k in mixed) and any(".b." in k for k in mixed)
