@@ -130,8 +130,6 @@ def main() -> None:
                         help="grpo.chunked_loss of the engine run (true/false/auto; the default path: false)")
     parser.add_argument("--width-multiple", default="auto",
                         help="the engine run's rollout width multiple (auto: the stage's, 64 on a GPU; none; or N)")
-    parser.add_argument("--no-shared-scoring", action="store_true",
-                        help="score each role with a forward of its own (Roles.share_forward off)")
     parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                         help="also time the steps with these grpo.generation engine settings (repeatable)")
     args = parser.parse_args()
@@ -143,7 +141,6 @@ def main() -> None:
     base = quantized_base(args.size, device, dtype, seed=0, intermediate=args.intermediate)
     base_bytes = bytes_on(device) - before
     roles = grpo_roles(base, args.rank)
-    roles.share_forward = not args.no_shared_scoring
     spec = parse_config({"grpo": {"prompts_per_step": args.prompts, "num_generations": args.generations,
                                   "minibatches": args.minibatches, "learning_rate": 1e-5,
                                   "generation": {"max_new_tokens": args.new_tokens},
@@ -169,8 +166,7 @@ def main() -> None:
     multiple = width_multiple(args.width_multiple, device, GPU_PAD_MULTIPLE)
     runs = [("default generation path, full logits", {}, False, None)]
     if args.engine:
-        label = ", ".join(args.engine + [f"chunked_loss={str(chunked).lower()}", f"width_multiple={multiple}"]
-                          + (["shared scoring off"] if args.no_shared_scoring else []))
+        label = ", ".join(args.engine + [f"chunked_loss={str(chunked).lower()}", f"width_multiple={multiple}"])
         runs.append((f"rollout engine ({label})",
                      {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.engine)}, chunked,
                      multiple))

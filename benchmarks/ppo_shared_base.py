@@ -173,8 +173,6 @@ def main() -> None:
                         help="ppo.chunked_loss of the engine run (true/false/auto; the default path: false)")
     parser.add_argument("--width-multiple", default="auto",
                         help="the engine run's rollout width multiple (auto: the stage's, 64 on a GPU; none; or N)")
-    parser.add_argument("--no-shared-scoring", action="store_true",
-                        help="score each role with a forward of its own (Roles.share_forward off)")
     parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                         help="also time the shared-base steps with these ppo.generation engine settings "
                              "(repeatable; e.g. fold_adapter=true cache=static compile=true)")
@@ -193,7 +191,6 @@ def main() -> None:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
     print(f"[bench] NF4 base built in {build_s:.0f}s: {base_bytes / GIB:.2f} GiB on {device}", flush=True)
     roles = four_roles(base, args.rank)
-    roles.share_forward = not args.no_shared_scoring
     census = roles.parameter_census()
     spec = parse_config({"ppo": {"rollout_batch_size": args.batch, "minibatches": 2, "ppo_epochs": 1,
                                  "learning_rate": 1e-5, "generation": {"max_new_tokens": args.new_tokens},
@@ -238,8 +235,7 @@ def main() -> None:
         fast_peaks = peaks(device)
         timed = steps[1:] or steps
         fast_s = sum(s["seconds"] for s in timed) / len(timed)
-        label = ", ".join(args.engine + [f"chunked_loss={str(chunked).lower()}", f"width_multiple={multiple}"]
-                          + (["shared scoring off"] if args.no_shared_scoring else []))
+        label = ", ".join(args.engine + [f"chunked_loss={str(chunked).lower()}", f"width_multiple={multiple}"])
         report.add([f"shared base, rollout engine ({label})", 1,
                     fast_peaks.get("peak_allocated_gib", float("nan")), fast_peaks.get("peak_reserved_gib", float("nan")),
                     base_bytes / GIB, fast_s, sum(s["tokens_per_s"] for s in timed) / len(timed)],

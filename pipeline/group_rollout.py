@@ -78,8 +78,8 @@ def score_tokens(roles: Roles, ro: Rollout, *, chunk: int, temperature: float, p
     policy's log-probs (``ro.logprobs``; None: the update's first forward is the old policy),
     the reference's (``ro.ref_logprobs``; None: no KL term, no reference forward) and a reward
     model's scores (``ro.scores``; None: programmable rewards only). Per-token figures are zero
-    past each response's end. ``chunked``: log-probabilities without full logits, from one
-    forward for every role where they can share it (``rollout.chunk_figures``)."""
+    past each response's end. ``chunked``: log-probabilities without full logits
+    (``rollout.policy_terms``)."""
     rollout.score_chunks(roles, ro, chunk=chunk, temperature=temperature, chunked=chunked, policy=policy,
                          reference=reference, reward=reward)
 

@@ -139,26 +139,11 @@ def label_terms(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, 
     response tokens without the logits of every prompt position and the whole vocabulary."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
-    hidden = out.hidden_states[-1][:, -labels.shape[1]:]  # virtual-token adapters prepend positions
-    return terms_from_hidden(_transformers_model(model).get_output_embeddings(), hidden, labels, chunk=chunk,
-                             temperature=temperature, with_entropy=with_entropy)
-
-
-def terms_from_hidden(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, chunk: int = DEFAULT_CHUNK,
-                      temperature: float = 1.0,
-                      with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`label_terms` from final hidden states ``[B, T, H]`` already computed (aligned with
-    ``labels``), projected through the LM head ``head``: for callers that get several roles'
-    hidden states from one forward (``Roles``' shared forward)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    chosen, targets = hidden[:, :-1][keep], targets[keep]
+    chosen, targets, keep, hidden = _labelled(model, inputs, labels)
     out = hidden.new_zeros(keep.shape, dtype=torch.promote_types(hidden.dtype, torch.float32))
     if targets.numel() == 0:
         return out + hidden.sum() * 0.0, (out.clone() if with_entropy else None)
+    head = _transformers_model(model).get_output_embeddings()
     if not with_entropy:
         pieces = _chunked(_chunk_logprobs, head, chosen, targets, chunk, float(temperature))
         return out.masked_scatter(keep, torch.cat(pieces)), None

@@ -28,16 +28,6 @@ that every forward whose output reaches a loss passes through the engine: DeepSp
 its ZeRO gradient reduction from hooks the engine puts on forward outputs, and a loss built
 from two roles (PPO's policy and critic) must come from one engine call.
 
-One forward for several roles. Scoring a rollout asks the policy, the reference, the reward model
-and the critic about the same rows: four forwards through the one base, each dequantizing a 4-bit
-base again, and at rollout sizes launch-bound. ``run(..., shared=True)`` stacks the rows once per
-role and runs them as one mixed-adapter batch (``adapters.mixed_batch``: each row through its own
-role's adapter, the bare-base roles through none), then takes each role's outputs from its block
-of final hidden states: value heads, and log-probabilities projected through the LM head at the
-labelled positions only (``lm_head_loss.terms_from_hidden``). :meth:`can_share_forward` says
-when that applies (no virtual-token role, no adapter on the LM head); otherwise each request runs
-its own forward as before (and under ZeRO-3 partitioning, where the routing is not exercised).
-
 Packed batches (``data.packing`` in the pair stages) pass ``position_ids`` and no attention
 mask: the model then reads the sequence boundaries off the restarting positions
 (``pipeline.data.packing``).
@@ -55,10 +45,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raypeft.adapters import (BASE_ADAPTER, AdapterConfig, AdapterLayer, AdapterModel, PromptLearningConfig,
-                              get_adapter_model)
+from raypeft.adapters import AdapterConfig, AdapterModel, get_adapter_model
 from raypeft.adapters.serialization import load_adapter_weights, save_adapter_weights
-from raypeft.pipeline.lm_head_loss import label_terms, supports, terms_from_hidden
+from raypeft.pipeline.lm_head_loss import label_terms
 from raypeft.pipeline.rl_math import last_token_index
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -128,7 +117,6 @@ class Roles(nn.Module):
         # The engine that wraps this module, if any, in a list so that nn.Module does not register
         # it as a child of what it wraps (empty: role outputs come from this module's own call).
         self._entry: list[Callable[..., tuple[torch.Tensor, ...]]] = []
-        self.share_forward = True  # False: every role output from a forward of its own (benchmarks compare)
 
     # ------------------------------------------------------------------ building
     @property
@@ -230,16 +218,10 @@ class Roles(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 requests: tuple[Request, ...], position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, temperature: float = 1.0,
-                shared: bool = False) -> tuple[torch.Tensor, ...]:
+                labels: torch.Tensor | None = None, temperature: float = 1.0) -> tuple[torch.Tensor, ...]:
         """Each requested ``(kind, role)`` output for one batch, in order (kinds: logits, values,
         scores, label_logprobs, and label_logprobs_entropy, which adds two outputs: the
-        log-probabilities and the entropies; both label kinds divide the logits by ``temperature``).
-        ``shared``: from one mixed-adapter forward (:meth:`run`)."""
-        if shared:
-            if position_ids is not None:
-                raise ValueError("a shared forward takes padded rows (an attention mask), not packed ones")
-            return self._shared(input_ids, attention_mask, requests, labels, temperature)
+        log-probabilities and the entropies; both label kinds divide the logits by ``temperature``)."""
         outputs: list[torch.Tensor] = []
         for kind, role in requests:
             if kind == "logits":
@@ -259,71 +241,12 @@ class Roles(nn.Module):
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
             *requests: Request, position_ids: torch.Tensor | None = None,
-            labels: torch.Tensor | None = None, temperature: float | None = None,
-            shared: bool = False) -> tuple[torch.Tensor, ...]:
-        """Several role outputs from one call of the entry (one engine forward, one backward hook).
-        ``shared``: every role's outputs from one mixed-adapter forward (see the module; only
-        ``values``, ``scores`` and the label kinds, for roles :meth:`can_share_forward` accepts)."""
+            labels: torch.Tensor | None = None, temperature: float | None = None) -> tuple[torch.Tensor, ...]:
+        """Several role outputs from one call of the entry (one engine forward, one backward hook)."""
         entry = self._entry[0] if self._entry else self
         extra = {k: v for k, v in (("position_ids", position_ids), ("labels", labels), ("temperature", temperature))
                  if v is not None}
-        if shared:
-            extra["shared"] = True
         return entry(input_ids, attention_mask, requests=tuple(requests), **extra)
-
-    def can_share_forward(self, roles: list[str] | tuple[str, ...]) -> bool:
-        """Whether ``roles`` can answer from one mixed-adapter forward: each is a bare-base role or a
-        weight-space adapter (a virtual-token adapter changes the sequence, not a layer; none of the
-        roles may be one, as the model's active adapter must not be one either), and no
-        adapter sits on the LM head (the label projection gathers positions across rows, where a
-        per-row adapter could not follow), on a model whose logits are its head's output."""
-        if not self.share_forward or self.model is None or not supports(self.model):
-            return False
-        if isinstance(self._base_module().get_output_embeddings(), AdapterLayer):
-            return False
-        if any(hasattr(p, "ds_id") for p in self.model.parameters()):
-            return False  # ZeRO-3 partitions: the mixed routing is not exercised there; one forward per role
-        if any(role not in self._adapter_roles and role not in self._base_roles for role in roles):
-            return False
-        # any virtual-token role, asked for or not: while one is the active adapter no batch can be mixed
-        return not any(isinstance(self.model.peft_config[role], PromptLearningConfig) for role in self._adapter_roles)
-
-    def _shared(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, requests: tuple[Request, ...],
-                labels: torch.Tensor | None, temperature: float) -> tuple[torch.Tensor, ...]:
-        """:meth:`forward`'s outputs from one mixed-adapter forward over the rows repeated per role."""
-        order = list(dict.fromkeys(role for _, role in requests))
-        shareable = ("values", "scores", "label_logprobs", "label_logprobs_entropy")
-        for kind, _ in requests:
-            if kind not in shareable:
-                raise ValueError(f"role output {kind!r} cannot come from a shared forward; expected "
-                                 f"{', '.join(shareable)}")
-        if not self.can_share_forward(order):
-            raise ValueError(f"roles {order} cannot share one forward (a virtual-token role, an adapter on the LM "
-                             "head, or a model without a plain LM head)")
-        rows, k = input_ids.shape[0], len(order)
-        names = [BASE_ADAPTER if role in self._base_roles else role for role in order for _ in range(rows)]
-        mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
-        out = self.model(input_ids=input_ids.repeat(k, 1), attention_mask=mask, adapter_names=names,
-                         logits_to_keep=1, output_hidden_states=True)
-        blocks = dict(zip(order, out.hidden_states[-1].split(rows)))
-        head = self._base_module().get_output_embeddings()
-        outputs: list[torch.Tensor] = []
-        for kind, role in requests:
-            hidden = blocks[role]
-            if kind in ("values", "scores") and role not in self.heads:
-                raise ValueError(f"role {role!r} has no value head")
-            if kind == "values":
-                outputs.append(self.heads[role](hidden))
-            elif kind == "scores":
-                last = last_token_index(attention_mask)
-                outputs.append(self.heads[role](hidden[torch.arange(rows, device=hidden.device), last]))
-            else:
-                if labels is None:
-                    raise ValueError("label_logprobs needs the labels")
-                logp, entropy = terms_from_hidden(head, hidden, labels, temperature=temperature,
-                                                  with_entropy=kind == "label_logprobs_entropy")
-                outputs.extend((logp,) if entropy is None else (logp, entropy))
-        return tuple(outputs)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, hidden: bool,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:

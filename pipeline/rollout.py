@@ -179,23 +179,12 @@ def chunk_figures(roles: Roles, rows: dict[str, torch.Tensor], *, temperature: f
                   critic: str | None = None) -> dict[str, torch.Tensor]:
     """The scoring figures of one chunk of rows for the roles given (None: not wanted): the
     response tokens' log-probabilities under ``policy`` (``logprobs``) and ``reference``
-    (``ref_logprobs``), the reward model's ``scores [B]`` and the critic's ``values``.
-
-    With ``chunked`` and roles that can (``Roles.can_share_forward``), every role answers from one
-    mixed-adapter forward over the rows repeated per role instead of a forward each: the base runs
-    once for all of them (a 4-bit base is dequantized once), the same figures within float
-    rounding."""
-    wanted = [(name, role) for name, role in zip(_FIGURES, (policy, reference, reward, critic)) if role is not None]
-    if chunked and wanted and roles.can_share_forward([role for _, role in wanted]):
-        kinds = {"logprobs": "label_logprobs", "ref_logprobs": "label_logprobs", "scores": "scores",
-                 "values": "values"}
-        outputs = roles.run(rows["input_ids"], rows["attention_mask"], *[(kinds[n], role) for n, role in wanted],
-                            labels=response_labels(rows), temperature=temperature, shared=True)
-        return {name: out if name == "scores" else gather_positions(out[:, :-1] if name == "values" else out,
-                                                                    rows["index"])
-                for (name, _), out in zip(wanted, outputs)}
+    (``ref_logprobs``; ``chunked``: without full logits, :func:`policy_terms`), the reward
+    model's ``scores [B]`` and the critic's ``values``, one forward per role."""
     figures: dict[str, torch.Tensor] = {}
-    for name, role in wanted:
+    for name, role in zip(_FIGURES, (policy, reference, reward, critic)):
+        if role is None:
+            continue
         if name == "scores":
             figures[name] = roles.scores(role, rows["input_ids"], rows["attention_mask"])
         elif name == "values":
@@ -227,6 +216,6 @@ def score(roles: Roles, ro: Rollout, *, chunk: int, temperature: float, policy: 
           critic: str | None = None, chunked: bool = False) -> None:
     """Fill ``ro.logprobs``, ``ro.ref_logprobs``, ``ro.scores`` (and ``ro.values`` with a ``critic``)
     in place, ``chunk`` rows per forward (:func:`score_chunks`). ``chunked``: the log-probabilities
-    without full logits, and one forward for every role where they can share it."""
+    without full logits."""
     score_chunks(roles, ro, chunk=chunk, temperature=temperature, chunked=chunked, policy=policy,
                  reference=reference, reward=reward, critic=critic)
