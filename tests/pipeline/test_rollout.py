@@ -103,18 +103,7 @@ def test_rollouts_padded_to_a_width_multiple_score_and_update_the_same() -> None
 def test_scoring_without_a_critic_gives_ppos_figures_and_no_values() -> None:
     cfg = parse_config({"adapter": {"r": 4, "lora_alpha": 8}, "ppo": {"rollout_batch_size": 8, "minibatches": 2,
                                                                        "generation": {"max_new_tokens": 5}}})
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, eos_token_id=EOS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        roles = Roles(transformers.LlamaForCausalLM(config).eval())
-    fresh = adapter_config(cfg.adapter, cfg.model)
-    roles.add(ppo.POLICY, fresh, trainable=True)
-    roles.add_base(ppo.REFERENCE)
-    roles.add(ppo.REWARD, fresh, trainable=False, value_head="zero")
-    roles.add(ppo.CRITIC, fresh, trainable=True, value_head="zero")
-    roles.eval()
+    roles = _ppo_roles(cfg)
     tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
     prompts = torch.randint(3, 16, (8, 4), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
