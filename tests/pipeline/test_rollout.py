@@ -46,6 +46,15 @@ def test_pack_rounds_the_width_up_with_masked_padding_only() -> None:
             assert torch.equal(getattr(ro, name), getattr(plain, name)), name
 
 
+def _ppo_setup():
+    """A PPO config, its four roles on a tiny Llama, a tokenizer stand-in and 8 prompts."""
+    cfg = parse_config({"adapter": {"r": 4, "lora_alpha": 8}, "ppo": {"rollout_batch_size": 8, "minibatches": 2,
+                                                                       "generation": {"max_new_tokens": 5}}})
+    prompts = torch.randint(3, 16, (8, 4), generator=torch.Generator().manual_seed(1))
+    return (cfg, _ppo_roles(cfg), SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS),
+            {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)})
+
+
 def _ppo_roles(cfg) -> Roles:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -68,12 +77,7 @@ def test_rollouts_padded_to_a_width_multiple_score_and_update_the_same() -> None
     """The stages pad rollouts to ``data.pad_to_multiple_of`` on GPUs: scoring (policy, reference,
     critic, the reward at the last real token) and a PPO update's loss and gradients see only the
     real positions, so they equal the unpadded rollout's."""
-    cfg = parse_config({"adapter": {"r": 4, "lora_alpha": 8}, "ppo": {"rollout_batch_size": 8, "minibatches": 2,
-                                                                       "generation": {"max_new_tokens": 5}}})
-    roles = _ppo_roles(cfg)
-    tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
-    prompts = torch.randint(3, 16, (8, 4), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
+    cfg, roles, tokenizer, batch = _ppo_setup()
     rollouts = {}
     for multiple in (None, 16):
         torch.manual_seed(5)
@@ -101,12 +105,7 @@ def test_rollouts_padded_to_a_width_multiple_score_and_update_the_same() -> None
 
 
 def test_scoring_without_a_critic_gives_ppos_figures_and_no_values() -> None:
-    cfg = parse_config({"adapter": {"r": 4, "lora_alpha": 8}, "ppo": {"rollout_batch_size": 8, "minibatches": 2,
-                                                                       "generation": {"max_new_tokens": 5}}})
-    roles = _ppo_roles(cfg)
-    tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
-    prompts = torch.randint(3, 16, (8, 4), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
+    cfg, roles, tokenizer, batch = _ppo_setup()
 
     torch.manual_seed(5)
     with_critic = ppo.make_rollout(roles, batch, cfg.ppo, tokenizer, chunk=4)
