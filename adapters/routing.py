@@ -15,8 +15,8 @@ import torch
 BASE_ADAPTER = "__base__"
 
 # A row group is every row (None), a contiguous run of rows (a slice: views, no gather or scatter),
-# or row indices. Stacking each adapter's rows together (``["a"] * n + ["b"] * n``, as the
-# pipeline's shared role forward does) gives slices; interleaved names give index tensors.
+# or row indices. Stacking each adapter's rows together (``["a"] * n + ["b"] * n``), or one row per
+# adapter, gives slices; interleaved names give index tensors.
 
 
 class RowRouting:

@@ -256,8 +256,8 @@ def test_row_groups_are_slices_for_runs_and_indices_otherwise():
 
 @pytest.mark.parametrize("case", ["lora_ranks_targets_dora", "lora_modules_to_save", "ia3", "llama_adapter"])
 def test_rows_stacked_by_adapter_equal_each_row_alone(case, llama_base, input_ids):
-    """Each adapter's rows together (how the pipeline scores its roles in one forward): row runs
-    are views, and LoRA adds its product into them with one GEMM."""
+    """Each adapter's rows together: row runs are views, and LoRA adds its product into them
+    with one GEMM."""
     model = _model(llama_base, LLAMA_CASES[case])
     names = list(LLAMA_CASES[case]) + ["__base__"]
     batch = torch.cat([input_ids, input_ids.flip(0)] * len(names))[: 2 * len(names)]

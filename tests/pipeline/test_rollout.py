@@ -65,10 +65,12 @@ def _ppo_roles(cfg) -> Roles:
     fresh = adapter_config(cfg.adapter, cfg.model)
     roles.add(ppo.POLICY, fresh, trainable=True)
     roles.add_base(ppo.REFERENCE)
-    roles.add(ppo.REWARD, fresh, trainable=False, value_head="normal")
-    roles.add(ppo.CRITIC, fresh, trainable=True, value_head="normal")
-    for p in roles.trainable_parameters():
-        torch.nn.init.normal_(p, std=0.1)
+    roles.add(ppo.REWARD, fresh, trainable=False, value_head="zero")
+    roles.add(ppo.CRITIC, fresh, trainable=True, value_head="zero")
+    with torch.no_grad():  # every adapter and head off its start, the frozen reward model's too
+        for name, p in roles.named_parameters():
+            if "lora_" in name or name.startswith("heads."):
+                p.normal_(0, 0.1)
     roles.eval()
     return roles
 
