@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_common import RESULTS, build_llama, command_line, machine_info, machine_line, pick_device, sync  # noqa: E402
 
 from raypeft.adapters import LoraConfig, get_adapter_model  # noqa: E402
+from raypeft.pipeline import compilation  # noqa: E402
 from raypeft.pipeline.backends import TorchBackend  # noqa: E402
 from raypeft.pipeline.data import IGNORE_INDEX, PairCollator, SFTCollator  # noqa: E402
 from raypeft.pipeline.data.packing import PackedPairCollator, PackedSFTCollator  # noqa: E402
@@ -199,7 +200,8 @@ def backend_for(module: torch.nn.Module, steps: int) -> TorchBackend:
 
 # ------------------------------------------------------------------------------------- ours
 def ours_sft(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tok: Any,
-             texts: list[dict[str, str]], packed: bool, loss: bool | str = "auto") -> dict[str, Any]:
+             texts: list[dict[str, str]], packed: bool, loss: bool | str = "auto",
+             compiled: bool = False) -> dict[str, Any]:
     fresh(device)
     model = get_adapter_model(build_llama(args.size, device, dtype, seed=args.seed), lora())
     model.train()
@@ -213,19 +215,42 @@ def ours_sft(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
     collate = PackedSFTCollator(max_tokens=args.max_len, pad_token_id=0, pad_to_multiple_of=multiple) if packed \
         else SFTCollator(pad_token_id=0, pad_to_multiple_of=multiple)
     backend, clock = backend_for(model, args.steps), StepClock(device)
-    for step in range(args.steps):
-        chunk = rows[step * args.batch:(step + 1) * args.batch]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
-        clock.begin()
-        clock.count(sum(len(r["input_ids"]) for r in chunk))
-        backend.backward(causal_lm_loss(model, batch) if chunked else model(**batch).loss)
-        backend.step()
-        clock.end()
+    profiled = args.profile and packed and loss == "auto"
+    with compilation.compiled(model, compiled, dynamic=compile_dynamic(args)):  # the stage's sft.compile
+        run_sft_steps(args, model, backend, clock, rows, collate, device, chunked, profiled, compiled)
     return {**clock.summary(args.warmup), **peak_memory(device), "chunked_loss": chunked}
 
 
+def compile_dynamic(args: argparse.Namespace) -> bool | None:
+    return None if args.compile_dynamic == "none" else True
+
+
+def run_sft_steps(args: argparse.Namespace, model: torch.nn.Module, backend: TorchBackend, clock: StepClock,
+                  rows: list[dict[str, Any]], collate: Any, device: torch.device, chunked: bool, profiled: bool,
+                  compiled: bool) -> None:
+    for step in range(args.steps):
+        chunk = rows[step * args.batch:(step + 1) * args.batch]
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
+        profiler = torch.profiler.profile(record_shapes=False) if profiled and step == args.steps - 1 \
+            else contextlib.nullcontext()
+        with profiler:
+            clock.begin()
+            clock.count(sum(len(r["input_ids"]) for r in chunk))
+            with torch.profiler.record_function("sft.forward"):
+                loss_value = causal_lm_loss(model, batch) if chunked else model(**batch).loss
+            with torch.profiler.record_function("sft.backward"):
+                backend.backward(loss_value)
+            with torch.profiler.record_function("sft.optimizer"):
+                backend.step()
+            clock.end()
+        if isinstance(profiler, torch.profiler.profile):
+            write_profile(profiler, f"profile_sft_{args.size}{'_' + args.tag if args.tag else ''}_{device.type}"
+                                    f"{'_compiled' if compiled else ''}.txt", "sft.")
+
+
 def ours_dpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tok: Any,
-             texts: list[dict[str, str]], packed: bool, loss: bool | str = "auto") -> dict[str, Any]:
+             texts: list[dict[str, str]], packed: bool, loss: bool | str = "auto",
+             compiled: bool = False) -> dict[str, Any]:
     fresh(device)
     roles = Roles(build_llama(args.size, device, dtype, seed=args.seed))
     roles.add(dpo.POLICY, lora(), trainable=True)
@@ -242,15 +267,16 @@ def ours_dpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
     collate = PackedPairCollator(max_tokens=args.max_len, pad_token_id=0, pad_to_multiple_of=multiple) if packed \
         else PairCollator(pad_token_id=0, pad_to_multiple_of=multiple)
     backend, clock = backend_for(roles, args.steps), StepClock(device)
-    for step in range(args.steps):
-        chunk = rows[step * args.batch:(step + 1) * args.batch]
-        batch = {k: v.to(device) for k, v in collate(chunk).items()}
-        clock.begin()
-        clock.count(sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in chunk))
-        losses = dpo.pair_terms(roles, batch, beta=0.1, loss_type="sigmoid", chunked=chunked)[0]
-        backend.backward(losses.mean())
-        backend.step()
-        clock.end()
+    with compilation.compiled(roles, compiled, dynamic=compile_dynamic(args)):  # the stage's dpo.compile
+        for step in range(args.steps):
+            chunk = rows[step * args.batch:(step + 1) * args.batch]
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            clock.begin()
+            clock.count(sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in chunk))
+            losses = dpo.pair_terms(roles, batch, beta=0.1, loss_type="sigmoid", chunked=chunked)[0]
+            backend.backward(losses.mean())
+            backend.step()
+            clock.end()
     return {**clock.summary(args.warmup, items_per_step=args.batch), **peak_memory(device), "chunked_loss": chunked}
 
 
@@ -321,12 +347,13 @@ def phase(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return labelled
 
 
-def write_profile(prof: Any, name: str) -> None:
-    """The profiled step's phases (CPU and device time) and its top operators by device time."""
+def write_profile(prof: Any, name: str, phases: str = "grpo.") -> None:
+    """The profiled step's phases (labels starting with ``phases``; CPU and device time) and its
+    top operators by device time."""
     events = prof.key_averages()
     lines = [f"`{command_line()}`", "", "==== phases (total CPU / device ms)"]
     for e in events:
-        if e.key.startswith("grpo."):
+        if e.key.startswith(phases):
             lines.append(f"{e.key}: cpu {e.cpu_time_total / 1e3:.1f} ms, device {e.device_time_total / 1e3:.1f} ms, "
                          f"calls {e.count}")
     lines += ["", "==== operators by self device time",
@@ -538,9 +565,11 @@ def stage_texts(stage: str, args: argparse.Namespace) -> tuple[list[dict[str, st
 RUNS: dict[str, dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any]]]] = {
     "sft": {"ours padded": (ours_sft, {"packed": False}), "ours packed": (ours_sft, {"packed": True}),
             "ours packed, full logits": (ours_sft, {"packed": True, "loss": False}),
+            "ours packed, compiled": (ours_sft, {"packed": True, "compiled": True}),
             "trl padded": (trl_sft, {"packed": False}), "trl packed": (trl_sft, {"packed": True})},
     "dpo": {"ours padded": (ours_dpo, {"packed": False}), "ours packed": (ours_dpo, {"packed": True}),
             "ours packed, full logits": (ours_dpo, {"packed": True, "loss": False}),
+            "ours packed, compiled": (ours_dpo, {"packed": True, "compiled": True}),
             "trl padded": (trl_dpo, {})},
     "grpo": {"ours default": (ours_grpo, {"engine": False}), "ours engine": (ours_grpo, {"engine": True}),
              "trl": (trl_grpo, {})},
@@ -579,7 +608,15 @@ def main() -> None:
                     help="GRPO: grpo.generation settings of 'ours engine' (repeatable; default fold_adapter=true, "
                          "compile=true on CUDA, decode_loop=own)")
     ap.add_argument("--profile", action="store_true",
-                    help="GRPO: profile the last step of 'ours engine' into results/profile_grpo_<size>_<device>.txt")
+                    help="profile the last step of 'ours engine' (GRPO) or 'ours packed' (SFT) into "
+                         "results/profile_<stage>_<size>[_<tag>]_<device>.txt")
+    ap.add_argument("--names", default=None,
+                    help="only these runs, separated by ';' (e.g. 'ours packed;ours packed, compiled')")
+    ap.add_argument("--compile-dynamic", default="none", choices=["none", "true"],
+                    help="the compiled runs' dynamic= (none: torch's default, the stages' setting; true: symbolic "
+                         "shapes from the first trace)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run ours packed with the decoder stack under torch.compile (sft/dpo.compile)")
     ap.add_argument("--tag", default="", help="added to the result files' names (e.g. b64)")
     ap.add_argument("--full-logits", action="store_true",
                     help="also run ours packed with the full-vocabulary logits (chunked_loss: false)")
@@ -599,7 +636,8 @@ def main() -> None:
     for stage in args.stages.split(","):
         if stage not in RUNS:
             raise SystemExit(f"--stages: unknown stage {stage!r} (sft, dpo, grpo)")
-        names = [n for n in RUNS[stage] if n.split()[0] in sides and (args.full_logits or "full logits" not in n)]
+        names = [n for n in RUNS[stage] if n.split()[0] in sides and (args.full_logits or "full logits" not in n)
+                 and (args.compile or "compiled" not in n) and (args.names is None or n in args.names.split(";"))]
         runs: dict[str, dict[str, Any]] = {}
         failed: dict[str, str] = {}
         for name in names:

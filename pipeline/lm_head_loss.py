@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from raypeft.pipeline.compilation import is_compiled
 from raypeft.pipeline.data import IGNORE_INDEX
 from raypeft.pipeline.rl_math.tokens import at_least_float32
 
@@ -94,9 +95,21 @@ def _labelled(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
     return hidden[:, :-1][keep], targets[keep], keep, hidden
 
 
+_COMPILED: dict[Any, Any] = {}
+
+
+def _compiled(fn: Any) -> Any:
+    """``fn`` through ``torch.compile`` (one wrapper per function; chunk sizes vary, so dynamic):
+    the chunk's float32 cast, log-softmax and gather fused instead of each written out."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
 def _chunked(fn: Any, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
-             *extra: Any) -> list[Any]:
-    """``fn`` over ``chunk``-row pieces, each under activation checkpointing when it builds a graph.
+             *extra: Any, compiled: bool = False) -> list[Any]:
+    """``fn`` over ``chunk``-row pieces, each under activation checkpointing when it builds a graph
+    (``compiled``: ``fn`` through ``torch.compile``, while the decoder stack runs compiled).
 
     Re-entrant checkpointing: the recompute calls the head as a module again inside the backward,
     where DeepSpeed ZeRO-3's hooks gather its partitioned weight for it; the non-re-entrant kind
@@ -104,6 +117,7 @@ def _chunked(fn: Any, head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
     (``tests/pipeline/test_deepspeed_stages_ray.py`` runs it under ZeRO-3 offload)."""
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
+    fn = _compiled(fn) if compiled else fn
     pieces = []
     for start in range(0, targets.numel(), chunk):
         args = (head, hidden[start:start + chunk], targets[start:start + chunk], *extra)
@@ -120,7 +134,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], *, chunk: int = DEFA
     if targets.numel() == 0:
         return hidden.sum() * 0.0  # nothing labelled: a zero that still reaches every trainable weight
     head = _transformers_model(model).get_output_embeddings()
-    return torch.stack(_chunked(_chunk_loss, head, chosen, targets, chunk)).sum() / targets.numel()
+    pieces = _chunked(_chunk_loss, head, chosen, targets, chunk, compiled=is_compiled(model))
+    return torch.stack(pieces).sum() / targets.numel()
 
 
 def label_logprobs(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, *,
@@ -145,7 +160,8 @@ def label_terms(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, 
         return out + hidden.sum() * 0.0, (out.clone() if with_entropy else None)
     head = _transformers_model(model).get_output_embeddings()
     if not with_entropy:
-        pieces = _chunked(_chunk_logprobs, head, chosen, targets, chunk, float(temperature))
+        pieces = _chunked(_chunk_logprobs, head, chosen, targets, chunk, float(temperature),
+                          compiled=is_compiled(model))
         return out.masked_scatter(keep, torch.cat(pieces)), None
     pieces = _chunked(_chunk_terms, head, chosen, targets, chunk, float(temperature))
     logp = out.masked_scatter(keep, torch.cat([p[0] for p in pieces]))

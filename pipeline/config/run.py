@@ -19,6 +19,10 @@ from raypeft.pipeline.config.stages import DPOSpec, PPOSpec, RewardSpec, SFTSpec
 from raypeft.pipeline.deepspeed_configs import resolve as resolve_deepspeed
 
 
+# the stages whose training loop can run the decoder stack compiled (``<stage>.compile``)
+COMPILED_STAGES = ("sft", "reward", "dpo")
+
+
 def check_adapter_setup(cfg: RunConfig) -> str | None:
     """Rules that tie the adapter block to the rest of the file; the first broken one as
     ``"<field path>: <problem>"`` (``None`` when all hold)."""
@@ -41,6 +45,10 @@ def check_adapter_setup(cfg: RunConfig) -> str | None:
         if hasattr(adapter, "num_virtual_tokens") or adapter.method in ("adaption_prompt", "llama_adapter"):
             return (f"data.packing: needs a weight-space adapter method (lora, ia3, loha, ...); method "
                     f"'{adapter.method}' adds virtual tokens, which would span the packed conversations")
+    compiled = [s for s in cfg.stages if s in COMPILED_STAGES and getattr(cfg, s).compile]
+    if compiled and getattr(cfg, "deepspeed", None) is not None:
+        return (f"{compiled[0]}.compile: not with deepspeed (ZeRO-3 gathers each layer's weights in module hooks, "
+                "which split the compiled graph at every layer); use deepspeed: null or compile: false")
     if isinstance(adapter, AdaLoraSpec) and getattr(cfg, "deepspeed", None) is not None:
         return ("deepspeed: adapter.method adalora allocates ranks from the gradients between backward and the "
                 "optimiser step, which the DeepSpeed engine does not expose; use deepspeed: null")

@@ -54,6 +54,9 @@ class SFTSpec(StageSection):
     # projected, in chunks. true / false, or auto: on when the workers train on GPUs (where the logits'
     # memory is what runs out), off on CPU (small vocabularies, where the chunk loop costs more than it saves).
     chunked_loss: ChunkedLoss = "auto"
+    # torch.compile the decoder stack for the training loop (pipeline/compilation.py): fewer, fused
+    # kernels where a small model's step is bound by launching them; the first steps compile.
+    compile: bool = False
 
 
 class _PairStageSpec(StageSection):
@@ -71,6 +74,8 @@ class _PairStageSpec(StageSection):
     checkpoint_every: int = Field(default=100, gt=0)
     eval_every: int | None = Field(default=None, gt=0)
     data: PairDataSpec = PairDataSpec()
+    # torch.compile the decoder stack for the training loop and its evaluations, as sft.compile.
+    compile: bool = False
 
 
 class RewardSpec(_PairStageSpec):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from raypeft.pipeline import engine, nonfinite_loss, tracking
+from raypeft.pipeline import compilation, engine, nonfinite_loss, tracking
 from raypeft.pipeline.backends import Backend
 from raypeft.pipeline.config import RewardSpec, RunConfig
 from raypeft.pipeline.data import PairCollator, count_tokens, split_pairs
@@ -101,38 +101,39 @@ def train_loop(payload: dict[str, Any]) -> None:
     started = time.perf_counter()
     window: list[list[float]] = []
     step = state["step"]
-    while step < total:
-        epoch, within = divmod(step, steps_per_epoch)
-        for ids in common.epoch_batches(len(train_set), spec.batch_size, worker, cfg.seed, epoch)[within:]:
-            batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
-            chosen, rejected = pair_scores(roles, batch)
-            loss = bradley_terry_loss(chosen, rejected)
-            nonfinite_loss.check_finite(loss, stage=NAME, step=step + 1)
-            backend.backward(loss)
-            backend.step()
-            margin = (chosen - rejected).detach()
-            window.append([loss.item(), (margin > 0).float().mean().item(), margin.mean().item()])
-            throughput.add(count_tokens(batch))
-            step += 1
-            state["step"] = step
+    with compilation.compiled(backend.module, spec.compile):
+        while step < total:
+            epoch, within = divmod(step, steps_per_epoch)
+            for ids in common.epoch_batches(len(train_set), spec.batch_size, worker, cfg.seed, epoch)[within:]:
+                batch = common.to_device(collate([train_set[j] for j in ids]), worker.device)
+                chosen, rejected = pair_scores(roles, batch)
+                loss = bradley_terry_loss(chosen, rejected)
+                nonfinite_loss.check_finite(loss, stage=NAME, step=step + 1)
+                backend.backward(loss)
+                backend.step()
+                margin = (chosen - rejected).detach()
+                window.append([loss.item(), (margin > 0).float().mean().item(), margin.mean().item()])
+                throughput.add(count_tokens(batch))
+                step += 1
+                state["step"] = step
 
-            if step % spec.log_every == 0 or step == total:
-                means = [sum(col) / len(col) for col in zip(*window)]
-                loss_m, acc_m, margin_m, tok_s = engine.all_reduce(means + [throughput.window()], op="mean")
-                window = []
-                logger.log({"train_loss": loss_m, "train_accuracy": acc_m, "train_margin": margin_m,
-                            "learning_rate": backend.lr(),
-                            "tokens_per_s": tok_s * worker.world_size, "epoch": step / steps_per_epoch}, step=step)
-                if worker.is_main:
-                    engine.say(f"[reward] step {step}/{total} loss {loss_m:.4f} acc {acc_m:.3f} "
-                               f"margin {margin_m:.3f}")
-            if spec.eval_every and step % spec.eval_every == 0 and step < total:
-                logger.log(evaluate(roles, eval_set, collate, worker, spec.batch_size * 2, backend), step=step)
-            if step % spec.checkpoint_every == 0 and step < total:
-                logger.flush()
-                common.report(worker, backend, {"step": step}, roles, state)
-            if step >= total:
-                break
+                if step % spec.log_every == 0 or step == total:
+                    means = [sum(col) / len(col) for col in zip(*window)]
+                    loss_m, acc_m, margin_m, tok_s = engine.all_reduce(means + [throughput.window()], op="mean")
+                    window = []
+                    logger.log({"train_loss": loss_m, "train_accuracy": acc_m, "train_margin": margin_m,
+                                "learning_rate": backend.lr(),
+                                "tokens_per_s": tok_s * worker.world_size, "epoch": step / steps_per_epoch}, step=step)
+                    if worker.is_main:
+                        engine.say(f"[reward] step {step}/{total} loss {loss_m:.4f} acc {acc_m:.3f} "
+                                   f"margin {margin_m:.3f}")
+                if spec.eval_every and step % spec.eval_every == 0 and step < total:
+                    logger.log(evaluate(roles, eval_set, collate, worker, spec.batch_size * 2, backend), step=step)
+                if step % spec.checkpoint_every == 0 and step < total:
+                    logger.flush()
+                    common.report(worker, backend, {"step": step}, roles, state)
+                if step >= total:
+                    break
 
     final: dict[str, float] = {"train_seconds": time.perf_counter() - started}
     after = evaluate(roles, eval_set, collate, worker, spec.batch_size * 2, backend)

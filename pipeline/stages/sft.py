@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any
 
-from raypeft.pipeline import engine, lm_head_loss, nonfinite_loss, tracking
+from raypeft.pipeline import compilation, engine, lm_head_loss, nonfinite_loss, tracking
 from raypeft.pipeline.adapter_hooks import adapter_hooks
 from raypeft.pipeline.config import RunConfig, SFTSpec
 from raypeft.pipeline.conversations import chat_tokenizer, is_chat, messages_column
@@ -97,42 +97,43 @@ def train_loop(payload: dict[str, Any]) -> None:
     started = time.perf_counter()
     loss_window: list[float] = []
     step = state["step"]
-    while step < total_steps:
-        epoch, within = divmod(step, steps_per_epoch)
-        batches = common.epoch_batches(len(train_set), s.batch_size, worker, cfg.seed, epoch)
-        for group_start in range(within * s.grad_accum, steps_per_epoch * s.grad_accum, s.grad_accum):
-            group = batches[group_start:group_start + s.grad_accum]
-            for ids in group:
-                rows = [train_set[j] for j in ids]
-                batch = common.to_device(collate(rows), worker.device)
-                inputs = {**batch, **hooks.inputs(ids)}
-                loss = causal_lm_loss(backend.module, inputs) if chunked else backend.module(**inputs).loss
-                loss = (loss + hooks.loss_extra()) / len(group)
-                nonfinite_loss.check_finite(loss, stage=NAME, step=step + 1)
-                backend.backward(loss)
-                loss_window.append(loss.item() * len(group))
-                # packed bins carry no attention mask to count by: count the rows' own tokens
-                throughput.add(sum(len(r["input_ids"]) for r in rows) if cfg.data.packing else count_tokens(batch))
-            hooks.before_step(step)
-            backend.step()
-            hooks.after_step(step)
-            step += 1
-            state["step"] = step
+    with compilation.compiled(backend.module, s.compile):
+        while step < total_steps:
+            epoch, within = divmod(step, steps_per_epoch)
+            batches = common.epoch_batches(len(train_set), s.batch_size, worker, cfg.seed, epoch)
+            for group_start in range(within * s.grad_accum, steps_per_epoch * s.grad_accum, s.grad_accum):
+                group = batches[group_start:group_start + s.grad_accum]
+                for ids in group:
+                    rows = [train_set[j] for j in ids]
+                    batch = common.to_device(collate(rows), worker.device)
+                    inputs = {**batch, **hooks.inputs(ids)}
+                    loss = causal_lm_loss(backend.module, inputs) if chunked else backend.module(**inputs).loss
+                    loss = (loss + hooks.loss_extra()) / len(group)
+                    nonfinite_loss.check_finite(loss, stage=NAME, step=step + 1)
+                    backend.backward(loss)
+                    loss_window.append(loss.item() * len(group))
+                    # packed bins carry no attention mask to count by: count the rows' own tokens
+                    throughput.add(sum(len(r["input_ids"]) for r in rows) if cfg.data.packing else count_tokens(batch))
+                hooks.before_step(step)
+                backend.step()
+                hooks.after_step(step)
+                step += 1
+                state["step"] = step
 
-            if step % s.log_every == 0 or step == total_steps:
-                loss_mean, tok_s = engine.all_reduce([sum(loss_window) / len(loss_window), throughput.window()],
-                                                     op="mean")
-                loss_window = []
-                logger.log({"train_loss": loss_mean, "learning_rate": backend.lr(),
-                            "tokens_per_s": tok_s * worker.world_size, "epoch": step / steps_per_epoch}, step=step)
-                if worker.is_main:
-                    engine.say(f"[sft] step {step}/{total_steps} loss {loss_mean:.4f} "
-                               f"lr {backend.lr():.2e} tokens/s {tok_s * worker.world_size:.0f}")
-            if step % s.checkpoint_every == 0 and step < total_steps:
-                logger.flush()
-                common.report(worker, backend, {"step": step}, model, state)
-            if step >= total_steps:
-                break
+                if step % s.log_every == 0 or step == total_steps:
+                    loss_mean, tok_s = engine.all_reduce([sum(loss_window) / len(loss_window), throughput.window()],
+                                                         op="mean")
+                    loss_window = []
+                    logger.log({"train_loss": loss_mean, "learning_rate": backend.lr(),
+                                "tokens_per_s": tok_s * worker.world_size, "epoch": step / steps_per_epoch}, step=step)
+                    if worker.is_main:
+                        engine.say(f"[sft] step {step}/{total_steps} loss {loss_mean:.4f} "
+                                   f"lr {backend.lr():.2e} tokens/s {tok_s * worker.world_size:.0f}")
+                if step % s.checkpoint_every == 0 and step < total_steps:
+                    logger.flush()
+                    common.report(worker, backend, {"step": step}, model, state)
+                if step >= total_steps:
+                    break
 
     final: dict[str, float] = {"train_seconds": time.perf_counter() - started}
     if cfg.eval.rouge:
