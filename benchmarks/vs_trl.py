@@ -9,7 +9,8 @@ both sides see the same token ids), with the same micro-batch, ``max_length``, l
 * ours: the stages' own step, in process (no Ray: the loop a worker runs): SFT through
   ``SFTCollator`` / ``PackedSFTCollator`` (``data.packing``) and the stage's loss (with
   ``chunked_loss: auto``, on CUDA the loss without full logits of ``pipeline/lm_head_loss.py``;
-  ``--full-logits`` adds a packed run with the model's own loss); DPO through
+  ``--full-logits`` adds a packed run with the model's own loss, ``--compile`` one with the stage's
+  ``compile: true``, ``pipeline/compilation.py``); DPO through
   ``dpo.pair_terms`` over ``Roles`` (reference: the base with the adapter disabled, what TRL uses
   with a peft config), ``PairCollator`` / ``PackedPairCollator``; ``TorchBackend`` steps.
 * GRPO, ours: the stage's own step (``grpo.rollout_step``: sampling through the stage's
@@ -608,8 +609,8 @@ def main() -> None:
                     help="GRPO: grpo.generation settings of 'ours engine' (repeatable; default fold_adapter=true, "
                          "compile=true on CUDA, decode_loop=own)")
     ap.add_argument("--profile", action="store_true",
-                    help="profile the last step of 'ours engine' (GRPO) or 'ours packed' (SFT) into "
-                         "results/profile_<stage>_<size>[_<tag>]_<device>.txt")
+                    help="profile the last step of 'ours engine' (GRPO) or of 'ours packed' and its compiled run "
+                         "(SFT) into results/profile_<stage>_<size>[_<tag>]_<device>[_compiled].txt")
     ap.add_argument("--names", default=None,
                     help="only these runs, separated by ';' (e.g. 'ours packed;ours packed, compiled')")
     ap.add_argument("--compile-dynamic", default="none", choices=["none", "true"],
