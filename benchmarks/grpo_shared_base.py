@@ -111,7 +111,6 @@ def main() -> None:
     from raypeft.pipeline.backends import TorchBackend
     from raypeft.pipeline.config import parse_config
     from raypeft.pipeline.stages import grpo
-    from raypeft.pipeline.stages.common import GPU_PAD_MULTIPLE
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="1b", help="perf_common.llama_config shapes (8b, 1b, tiny, ...)")
@@ -163,7 +162,7 @@ def main() -> None:
         f"{spec.minibatches} minibatches, 1 epoch, KL coef {spec.kl.coef}; means over steps 2..{args.steps}")
 
     chunked = lm_head_loss.enabled(yaml.safe_load(args.chunked_loss), roles.model, device)
-    multiple = width_multiple(args.width_multiple, device, GPU_PAD_MULTIPLE)
+    multiple = width_multiple(args.width_multiple, device)
     runs = [("default generation path, full logits", {}, False, None)]
     if args.engine:
         label = ", ".join(args.engine + [f"chunked_loss={str(chunked).lower()}", f"width_multiple={multiple}"])

@@ -87,11 +87,13 @@ def four_roles(base: torch.nn.Module, rank: int):
     return roles.eval()  # as the PPO stage: no dropout, rollout and update see the same functions
 
 
-def width_multiple(setting: str, device: torch.device, gpu_multiple: int) -> int | None:
-    """``--width-multiple``: "auto" as the stages' ``data.pad_to_multiple_of`` (``gpu_multiple`` on a
-    GPU, none on CPU), "none", or a number."""
+def width_multiple(setting: str, device: torch.device) -> int | None:
+    """``--width-multiple``: "auto" as the stages' ``data.pad_to_multiple_of`` (64 on a GPU, none on
+    CPU), "none", or a number."""
+    from raypeft.pipeline.stages.common import auto_pad_multiple
+
     if setting == "auto":
-        return gpu_multiple if device.type == "cuda" else None
+        return auto_pad_multiple(device)
     return None if setting == "none" else int(setting)
 
 
@@ -154,7 +156,6 @@ def main() -> None:
     from raypeft.pipeline.backends import TorchBackend
     from raypeft.pipeline.config import parse_config
     from raypeft.pipeline.stages import ppo
-    from raypeft.pipeline.stages.common import GPU_PAD_MULTIPLE
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="8b", help="perf_common.llama_config shapes (8b, 1b, tiny, ...)")
@@ -229,7 +230,7 @@ def main() -> None:
         fast = spec.model_copy(update={"generation": spec.generation.model_copy(update=levers)})
         reset(device)
         chunked = lm_head_loss.enabled(yaml.safe_load(args.chunked_loss), roles.model, device)
-        multiple = width_multiple(args.width_multiple, device, GPU_PAD_MULTIPLE)
+        multiple = width_multiple(args.width_multiple, device)
         steps = ppo_steps(roles, fast, backend, prompts, args.steps, device, seed=0, chunked=chunked,
                           width_multiple=multiple)
         fast_peaks = peaks(device)

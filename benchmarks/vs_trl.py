@@ -74,7 +74,7 @@ from raypeft.pipeline.data.packing import PackedPairCollator, PackedSFTCollator 
 from raypeft.pipeline.lm_head_loss import causal_lm_loss, enabled  # noqa: E402
 from raypeft.pipeline.roles import Roles  # noqa: E402
 from raypeft.pipeline.stages import dpo  # noqa: E402
-from raypeft.pipeline.stages.common import GPU_PAD_MULTIPLE  # noqa: E402
+from raypeft.pipeline.stages.common import auto_pad_multiple  # noqa: E402
 
 LR = 1e-4
 WORDS = 2000  # the word-level vocabulary (ids 4.. of the model's vocabulary)
@@ -212,7 +212,7 @@ def ours_sft(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
         p = tok(t["prompt"])["input_ids"]
         c = tok(t["completion"], add_special_tokens=False)["input_ids"]
         rows.append({"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c})
-    multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else None  # the stage's data.pad_to_multiple_of: auto
+    multiple = auto_pad_multiple(device)  # the stage's data.pad_to_multiple_of: auto
     collate = PackedSFTCollator(max_tokens=args.max_len, pad_token_id=0, pad_to_multiple_of=multiple) if packed \
         else SFTCollator(pad_token_id=0, pad_to_multiple_of=multiple)
     backend, clock = backend_for(model, args.steps), StepClock(device)
@@ -264,7 +264,7 @@ def ours_dpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
         sides = {s: tok(t[s], add_special_tokens=False)["input_ids"] for s in ("chosen", "rejected")}
         rows.append({f"{s}_{k}": v for s, ids in sides.items()
                      for k, v in (("input_ids", p + ids), ("labels", [IGNORE_INDEX] * len(p) + ids))})
-    multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else None  # the stage's data.pad_to_multiple_of: auto
+    multiple = auto_pad_multiple(device)  # the stage's data.pad_to_multiple_of: auto
     collate = PackedPairCollator(max_tokens=args.max_len, pad_token_id=0, pad_to_multiple_of=multiple) if packed \
         else PairCollator(pad_token_id=0, pad_to_multiple_of=multiple)
     backend, clock = backend_for(roles, args.steps), StepClock(device)
@@ -315,7 +315,7 @@ def ours_grpo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
                            total_steps=args.steps * spec.minibatches, max_grad_norm=1.0,
                            clip_groups=[roles.trainable_parameters(grpo.POLICY)])
     # one per stage, as the stage keeps it; rollouts right-padded as the stage pads them
-    gen_engine = RolloutEngine(spec.generation, GPU_PAD_MULTIPLE if device.type == "cuda" else None)
+    gen_engine = RolloutEngine(spec.generation, auto_pad_multiple(device))
     gen_engine.reserve(max(len(p["input_ids"]) for p in prompt_set))  # as the stage does
     chunked = enabled(spec.chunked_loss, roles.model, device)  # the stage's grpo.chunked_loss
     clock, parts = StepClock(device), []

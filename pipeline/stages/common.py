@@ -143,12 +143,15 @@ def resume_folder(payload: dict[str, Any]) -> Path | None:
 GPU_PAD_MULTIPLE = 64
 
 
+def auto_pad_multiple(device: torch.device) -> int | None:
+    """What ``data.pad_to_multiple_of: auto`` means on ``device``: 64 on a GPU, none on CPU."""
+    return GPU_PAD_MULTIPLE if device.type == "cuda" else None
+
+
 def pad_multiple(cfg: RunConfig, worker: engine.Worker) -> int | None:
-    """``data.pad_to_multiple_of`` for this worker's training batches ("auto": 64 on a GPU, none on CPU)."""
+    """``data.pad_to_multiple_of`` for this worker's training batches (see :func:`auto_pad_multiple`)."""
     setting = cfg.data.pad_to_multiple_of
-    if setting == "auto":
-        return GPU_PAD_MULTIPLE if worker.device.type == "cuda" else None
-    return setting
+    return auto_pad_multiple(worker.device) if setting == "auto" else setting
 
 
 def base_device(cfg: RunConfig, worker: engine.Worker) -> torch.device:
