@@ -25,6 +25,14 @@ from raypeft.pipeline.stages import dpo
 VOCAB = 64
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from nothing, and leaves no graphs (nor the fake tensors they hold) behind."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _base() -> torch.nn.Module:
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -74,7 +82,6 @@ def test_decoder_stack_is_found_through_every_wrapper() -> None:
 
 
 def test_compiled_sft_loss_and_grads_equal_eager() -> None:
-    torch._dynamo.reset()
     model = get_adapter_model(_base(), _lora())
     _perturb(model)
     batches = _sft_batches()
@@ -98,7 +105,6 @@ def test_compiled_sft_loss_and_grads_equal_eager() -> None:
 
 
 def test_compiled_dpo_pair_terms_equal_eager() -> None:
-    torch._dynamo.reset()
     roles = Roles(_base())
     roles.add(dpo.POLICY, _lora(), trainable=True)
     roles.add_base(dpo.REFERENCE)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import is_fake
 import transformers
 
 from raypeft.pipeline.backends import TorchBackend
@@ -69,9 +70,10 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _is_tensor(o: object) -> bool:
-    """A real tensor with storage; torch.compile leaves dead weakref proxies and fake tensors in the heap."""
+    """A real tensor with storage; torch.compile leaves dead weakref proxies and fake tensors (also
+    as parameters, whose ``data_ptr`` does not raise) in the heap."""
     try:
-        return isinstance(o, torch.Tensor) and (o.data_ptr() or True)
+        return isinstance(o, torch.Tensor) and not is_fake(o) and (o.data_ptr() or True)
     except (ReferenceError, RuntimeError):
         return False
 
