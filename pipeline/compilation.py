@@ -34,14 +34,19 @@ from typing import Iterator
 from torch import nn
 
 
-def decoder_stack(model: nn.Module) -> nn.Module | None:
-    """The transformers decoder stack under ``model`` (an ``AdapterModel``, a ``Roles``, a
-    DeepSpeed-style wrapper with ``.module``, or the transformers model itself), or ``None``."""
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a DeepSpeed engine (``.module``), a ``Roles`` (the
+    ``AdapterModel`` it holds) and/or an ``AdapterModel``; ``model`` itself otherwise."""
     inner = getattr(model, "module", model)
     held = getattr(inner, "model", None)
     if not hasattr(inner, "get_base_model") and hasattr(held, "get_base_model"):
-        inner = held  # a Roles: the AdapterModel it holds
-    lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        inner = held  # a Roles
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def decoder_stack(model: nn.Module) -> nn.Module | None:
+    """The decoder stack (the ``base_model_prefix`` module) of :func:`transformers_model`, or ``None``."""
+    lm = transformers_model(model)
     prefix = getattr(lm, "base_model_prefix", "")
     stack = getattr(lm, prefix, None) if prefix else None
     return stack if isinstance(stack, nn.Module) and stack is not lm else None
@@ -64,7 +69,7 @@ def compiled(model: nn.Module, on: bool = True, *, backend: str = "inductor",
     that changed made symbolic, a few compiles per grad mode and role in the first steps (the
     setting measured on the GPU); ``True`` traces them symbolic from the start."""
     stack = decoder_stack(model) if on else None
-    if stack is None or is_compiled(model):
+    if stack is None or stack._compiled_call_impl is not None:  # nothing to compile, or already compiled
         yield
         return
     stack.compile(backend=backend, dynamic=dynamic)

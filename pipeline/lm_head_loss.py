@@ -32,23 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from raypeft.pipeline.compilation import is_compiled
+from raypeft.pipeline.compilation import is_compiled, transformers_model
 from raypeft.pipeline.data import IGNORE_INDEX
 from raypeft.pipeline.rl_math.tokens import at_least_float32
 
 DEFAULT_CHUNK = 1024
 
 
-def _transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a DeepSpeed engine and/or an ``AdapterModel``."""
-    inner = getattr(model, "module", model)
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
 def supports(model: nn.Module) -> bool:
     """Whether :func:`causal_lm_loss` computes ``model``'s loss: a decoder-only LM whose logits
     are its output embedding's output, and whose forward takes ``logits_to_keep``."""
-    lm = _transformers_model(model)
+    lm = transformers_model(model)
     config = getattr(lm, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
@@ -133,7 +127,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], *, chunk: int = DEFA
     chosen, targets, _, hidden = _labelled(model, inputs, batch["labels"])
     if targets.numel() == 0:
         return hidden.sum() * 0.0  # nothing labelled: a zero that still reaches every trainable weight
-    head = _transformers_model(model).get_output_embeddings()
+    head = transformers_model(model).get_output_embeddings()
     pieces = _chunked(_chunk_loss, head, chosen, targets, chunk, compiled=is_compiled(model))
     return torch.stack(pieces).sum() / targets.numel()
 
@@ -158,7 +152,7 @@ def label_terms(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, 
     out = hidden.new_zeros(keep.shape, dtype=torch.promote_types(hidden.dtype, torch.float32))
     if targets.numel() == 0:
         return out + hidden.sum() * 0.0, (out.clone() if with_entropy else None)
-    head = _transformers_model(model).get_output_embeddings()
+    head = transformers_model(model).get_output_embeddings()
     if not with_entropy:
         pieces = _chunked(_chunk_logprobs, head, chosen, targets, chunk, float(temperature),
                           compiled=is_compiled(model))
