@@ -9,15 +9,26 @@ peaks at 34 (``benchmarks/results/vs_trl_sft_1b_cuda.md``, before this module).
 
 How: the model runs with ``logits_to_keep=1`` (its own head projects one position) and returns
 its final hidden states; only the positions whose next token is labelled are gathered, and they
-go through the LM head in chunks of ``chunk`` rows, each chunk's float32 cross-entropy under
-activation checkpointing, so that one chunk's logits exist at a time in the forward and again in
-the backward (the head's matmul is recomputed, a cost of ``chunk x hidden x vocab`` FLOPs per
-chunk, small beside what the skipped positions save). The mean over labelled tokens is the
-model's own loss (``tests/pipeline/test_lm_head_loss.py``: loss and gradients against
-``model(**batch).loss``, padded and packed, LoRA and a virtual-token method).
+go through the LM head in chunks of ``chunk`` rows, so that one chunk's float32 logits exist at a
+time. The mean over labelled tokens is the model's own loss (``tests/pipeline/test_lm_head_loss.py``:
+loss and gradients against ``model(**batch).loss``, padded and packed, LoRA and a virtual-token
+method).
 
-The LM head is called as a module, so an adapter on it, and DeepSpeed ZeRO-3's gathering of its
-partitioned weight, apply as in the model's forward. Models whose logits are more than the head's
+Two ways to get the gradient through a chunk:
+
+- *Fused* (:class:`_FusedHead`), when the head is a plain frozen ``nn.Linear`` (the usual case:
+  adapters do not touch it): a token's log-probability then reaches the trainable weights only
+  through its own hidden state, so its gradient with respect to that state,
+  ``W^T (onehot - softmax) / T``, is computed in the forward while the chunk's logits exist, and the
+  backward multiplies it by the incoming gradient (one number per token). The head's matmul runs
+  twice per chunk (logits, then that gradient) instead of three times (forward, recompute,
+  backward); at a 128k vocabulary the head is a fifth of a 1B model's FLOPs.
+- *Checkpointed* otherwise (an adapter or hooks on the head, a trainable head, ZeRO-3's
+  partitioned weight): each chunk under activation checkpointing, so the logits exist again in the
+  backward and the head's matmul is recomputed.
+
+On the checkpointed path the LM head is called as a module, so an adapter on it, and DeepSpeed
+ZeRO-3's gathering of its partitioned weight, apply as in the model's forward. Models whose logits are more than the head's
 output (a final soft-cap, a logit scale) or that take no ``logits_to_keep`` (encoder-decoders) use
 the model's own loss: :func:`supports` says which.
 """
@@ -78,17 +89,6 @@ def _chunk_terms(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     return -F.cross_entropy(logits, targets, reduction="none"), entropy
 
 
-def _labelled(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
-    """The final hidden states of the positions whose next token is labelled, those tokens, the
-    ``[B, T-1]`` mask of them, and the whole last hidden state (one forward, ``logits_to_keep=1``)."""
-    out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
-    # virtual-token adapters prepend positions: keep the ones aligned with the labels
-    hidden = out.hidden_states[-1][:, -labels.shape[1]:]
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    return hidden[:, :-1][keep], targets[keep], keep, hidden
-
-
 _COMPILED: dict[Any, Any] = {}
 
 
@@ -98,6 +98,100 @@ def _compiled(fn: Any) -> Any:
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
+
+
+def _head_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                temperature: float, want_grad: bool, want_entropy: bool):
+    """One chunk through a linear head: the (at least float32) log-probabilities of ``targets`` at
+    ``temperature``, the entropies (``want_entropy``) and the gradient of each log-probability with
+    respect to its hidden state, ``W^T (onehot - softmax) / T`` in ``hidden``'s dtype (``want_grad``)."""
+    logits = at_least_float32(F.linear(hidden, weight, bias))
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    entropy = grad = None
+    if want_grad or want_entropy:
+        probs = torch.exp(logits - lse[:, None])
+        if want_entropy:  # -sum p log p = lse - sum p z
+            entropy = lse - (probs * logits).sum(-1)
+        if want_grad:
+            d = torch.zeros_like(probs).scatter_(-1, targets[:, None], 1.0) - probs
+            if temperature != 1.0:
+                d = d / temperature
+            grad = d.to(hidden.dtype) @ weight.to(hidden.dtype)
+    return logp, entropy, grad
+
+
+class _FusedHead(torch.autograd.Function):
+    """Log-probabilities (and entropies, no gradient) of ``targets`` through a frozen linear head,
+    chunk by chunk, with each hidden state's gradient computed in the forward (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk, want_entropy, compiled):
+        fn = _compiled(_head_chunk) if compiled else _head_chunk
+        logps, entropies, grads = [], [], []
+        for start in range(0, targets.numel(), chunk):
+            logp, entropy, grad = fn(hidden[start:start + chunk], weight, bias, targets[start:start + chunk],
+                                     temperature, True, want_entropy)
+            logps.append(logp)
+            entropies.append(entropy)
+            grads.append(grad)
+        ctx.save_for_backward(torch.cat(grads))
+        ctx.hidden_dtype = hidden.dtype
+        if not want_entropy:
+            return torch.cat(logps), None
+        entropy = torch.cat(entropies)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(logps), entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        (grad,) = ctx.saved_tensors
+        if grad_logp is None:
+            return (None,) * 8
+        return (grad_logp[:, None] * grad).to(ctx.hidden_dtype), None, None, None, None, None, None, None
+
+
+def _fusable(head: nn.Module) -> bool:
+    """Whether :class:`_FusedHead` computes ``head``'s part exactly: a plain ``nn.Linear`` (no
+    adapter or quantized subclass), frozen, called without hooks (DeepSpeed's ZeRO-3 gathers a
+    partitioned weight in one; a caller's hook expects the module to be called)."""
+    if type(head) is not nn.Linear or head.weight.requires_grad or hasattr(head.weight, "ds_id"):
+        return False
+    if head.bias is not None and head.bias.requires_grad:
+        return False
+    return not (head._forward_hooks or head._forward_pre_hooks or head._backward_hooks
+                or torch.nn.modules.module._global_forward_hooks
+                or torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def _head_terms(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int, temperature: float,
+                want_entropy: bool, compiled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Log-probabilities (and entropies) of ``targets`` through ``head`` by :class:`_FusedHead`, or
+    without a graph when none is needed; None where the checkpointed path must do it."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    if not _fusable(head):
+        return None
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _FusedHead.apply(hidden, head.weight, head.bias, targets, float(temperature), chunk, want_entropy,
+                                compiled)
+    fn = _compiled(_head_chunk) if compiled else _head_chunk
+    pieces = [fn(hidden[s:s + chunk], head.weight, head.bias, targets[s:s + chunk], float(temperature), False,
+                 want_entropy) for s in range(0, targets.numel(), chunk)]
+    return torch.cat([p[0] for p in pieces]), (torch.cat([p[1] for p in pieces]) if want_entropy else None)
+
+
+def _labelled(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
+    """The final hidden states of the positions whose next token is labelled, those tokens, the
+    ``[B, T-1]`` mask of them, and the whole last hidden state (one forward, ``logits_to_keep=1``)."""
+    out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+    # virtual-token adapters prepend positions: keep the ones aligned with the labels
+    hidden = out.hidden_states[-1][:, -labels.shape[1]:]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return hidden[:, :-1][keep], targets[keep], keep, hidden
 
 
 def _chunked(fn: Any, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
@@ -128,6 +222,9 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], *, chunk: int = DEFA
     if targets.numel() == 0:
         return hidden.sum() * 0.0  # nothing labelled: a zero that still reaches every trainable weight
     head = transformers_model(model).get_output_embeddings()
+    fused = _head_terms(head, chosen, targets, chunk, 1.0, False, is_compiled(model))
+    if fused is not None:
+        return -fused[0].sum() / targets.numel()
     pieces = _chunked(_chunk_loss, head, chosen, targets, chunk, compiled=is_compiled(model))
     return torch.stack(pieces).sum() / targets.numel()
 
@@ -153,6 +250,10 @@ def label_terms(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, 
     if targets.numel() == 0:
         return out + hidden.sum() * 0.0, (out.clone() if with_entropy else None)
     head = transformers_model(model).get_output_embeddings()
+    fused = _head_terms(head, chosen, targets, chunk, temperature, with_entropy, is_compiled(model))
+    if fused is not None:
+        logp = out.masked_scatter(keep, fused[0])
+        return logp, (out.detach().masked_scatter(keep, fused[1]) if with_entropy else None)
     if not with_entropy:
         pieces = _chunked(_chunk_logprobs, head, chosen, targets, chunk, float(temperature),
                           compiled=is_compiled(model))

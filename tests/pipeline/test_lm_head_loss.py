@@ -173,3 +173,88 @@ def test_which_models_and_settings_use_it():
     assert enabled(True, llama, cpu) and not enabled(False, llama, cuda)
     assert not enabled(True, t5, cpu)  # falls back to the model's own loss
     assert lm_head_loss.DEFAULT_CHUNK >= 256
+
+
+def _terms_and_grads(model, batch, **kw):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logp, entropy = lm_head_loss.label_terms(model, inputs, batch["labels"], **kw)
+    (logp.sum() + 0.0 * entropy.sum()).backward()
+    return logp.detach(), entropy, _grads(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fused_head_equals_checkpointed_chunks(monkeypatch, dtype):
+    """The frozen head's fused path (gradients computed in the forward) against the checkpointed
+    one: log-probabilities at a temperature, entropies and the adapter's gradients."""
+    model = _model("lora").to(dtype)
+    head = model.get_base_model().get_output_embeddings()
+    assert lm_head_loss._fusable(head)
+    batch = PackedSFTCollator(max_tokens=40)(_rows())
+    fused = _terms_and_grads(model, batch, chunk=7, temperature=0.7)
+    monkeypatch.setattr(lm_head_loss, "_fusable", lambda _head: False)
+    plain = _terms_and_grads(model, batch, chunk=7, temperature=0.7)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-3}
+    for got, expected in zip(fused[:2], plain[:2]):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, **tol)
+    assert fused[2].keys() == plain[2].keys() and plain[2]
+    for name, expected in plain[2].items():
+        assert fused[2][name].dtype == dtype
+        torch.testing.assert_close(fused[2][name], expected, **tol)
+
+
+def test_fused_head_projects_each_labelled_position_twice_and_checkpointed_three_times(monkeypatch):
+    """FLOPs of the matmuls through the vocabulary in loss + backward: the fused path saves exactly
+    one head matmul per labelled position. (Counted with a dispatch mode: ``FlopCounterMode`` adds
+    global module hooks, which send the loss down the checkpointed path.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+
+    class VocabMatmuls(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.mm.default, aten.addmm.default):
+                a, b = args[-2:]
+                if VOCAB in (a.shape[1], b.shape[1]):
+                    self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            return func(*args, **(kwargs or {}))
+
+    model = _model("lora")
+    batch = SFTCollator(pad_token_id=0)(_rows())
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    hidden = model.get_base_model().config.hidden_size
+
+    def flops() -> int:
+        with VocabMatmuls() as counter:
+            causal_lm_loss(model, batch, chunk=16).backward()
+        model.zero_grad(set_to_none=True)
+        return counter.flops
+
+    fused = flops()
+    monkeypatch.setattr(lm_head_loss, "_fusable", lambda _head: False)
+    checkpointed = flops()
+    # (the model's own logits_to_keep=1 projection of a [B, 1, H] slice is a batched matmul, not counted)
+    assert fused == 2 * (2 * labelled * hidden * VOCAB)
+    assert checkpointed == 3 * (2 * labelled * hidden * VOCAB)
+
+
+def test_a_trainable_or_hooked_head_takes_the_checkpointed_path():
+    model = _model("lora")
+    head = model.get_base_model().get_output_embeddings()
+    handle = head.register_forward_hook(lambda *_: None)
+    assert not lm_head_loss._fusable(head)
+    handle.remove()
+    head.weight.requires_grad_(True)
+    assert not lm_head_loss._fusable(head)
+    batch = SFTCollator(pad_token_id=0)(_rows())
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                      ignore_index=IGNORE_INDEX).backward()  # in float64
+    expected = _grads(model)
+    causal_lm_loss(model, batch, chunk=5).backward()
+    got = _grads(model)
+    assert any("lm_head" in name for name in got) and expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12)
