@@ -247,8 +247,9 @@ def test_input_grad_hooks_are_off_while_generating_and_back_after() -> None:
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_refreshing_the_copy_gives_the_fold_bit_for_bit(dora: bool, dtype: torch.dtype) -> None:
-    """The refresh before each rollout (one pass per weight for plain LoRA) writes exactly what
-    folding from scratch gives, on a float32 and a bf16 base, after the adapter moved."""
+    """The refresh before each rollout (one ``addmm`` per weight for plain LoRA) writes exactly what
+    folding from scratch gives, on a float32 and a bf16 base, after the adapter moved; for plain
+    LoRA that is ``W0 + s B A`` rounded once into the base's dtype (against float64)."""
     from raypeft.adapters.generation_copy import _folded_weight
 
     model = get_adapter_model(_base(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=dora),
@@ -260,3 +261,10 @@ def test_refreshing_the_copy_gives_the_fold_bit_for_bit(dora: bool, dtype: torch
     for _, _, layer, folded in copy_._slots:
         assert folded.weight.dtype == dtype
         assert torch.equal(folded.weight, _folded_weight(layer, "policy", dtype))
+        if not dora:
+            a, b = (t.detach().double() for t in layer._lora_pair("policy"))
+            exact = layer._dense_weight_oi().double() + layer.scaling["policy"] * (b @ a)
+            # one rounding into the dtype (half its relative step), plus the float32 accumulation of the rank-r product
+            bound = torch.finfo(dtype).eps / 2 * exact.abs() + \
+                4 * torch.finfo(torch.float32).eps * abs(layer.scaling["policy"]) * (b.abs() @ a.abs())
+            assert ((folded.weight.double() - exact).abs() <= bound).all()
