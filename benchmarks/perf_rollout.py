@@ -61,6 +61,8 @@ VARIANTS = {  # name: (what it is, GenerationSpec levers)
                  {**_FOLDED_STATIC, "decode_loop": "own", "drop_finished": True}),
     "own-eager": ("folded copy, own loop, eager step (what the graph saves)",
                   {"fold_adapter": True, "prompt_bucket": 64, "decode_loop": "own"}),
+    "own-unstacked": ("folded copy, own loop, CUDA-graphed step, query/key/value and gate/up not stacked",
+                      {**_FOLDED_STATIC, "decode_loop": "own", "fuse_projections": False}),
     "own-repeat-kv": ("folded copy, own loop, CUDA-graphed step, transformers' sdpa (KV heads copied per query head)",
                       {**_FOLDED_STATIC, "decode_loop": "own", "grouped_attention": False}),
 }
@@ -102,6 +104,35 @@ def make_call(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, lev
     return call
 
 
+def refresh_times(engine: RolloutEngine, device: torch.device, repeats: int = 3) -> tuple[float | None, float | None]:
+    """Median ms of refreshing the engine's folded copy (part of every timed call that folds) and,
+    for comparison, of the same fold written as the four full-size passes the refresh made before
+    it became one ``addmm`` (``B @ A``, ``* s``, a float32 upcast, an add); None without a copy."""
+    copy_ = engine._copies.get("policy")
+    if copy_ is None:
+        return None, None
+
+    def four_pass() -> None:
+        with torch.no_grad():
+            for _, _, layer, folded in copy_._slots:
+                a, b = layer._lora_pair("policy")
+                base = layer._dense_weight_oi()
+                torch.add(base, ((b @ a) * layer.scaling["policy"]).float(), out=folded.weight)
+
+    out = []
+    for fn in (copy_.refresh, four_pass):
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(1000 * (time.perf_counter() - t0))
+        out.append(statistics.median(times))
+    copy_.refresh()
+    return out[0], out[1]
+
+
 def measure(name: str, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, every: int,
             args: argparse.Namespace, device: torch.device) -> tuple[list, dict, Callable[..., torch.Tensor]]:
     """The report row and JSON record of variant ``name`` in stop regime ``every`` (speed-up left
@@ -128,15 +159,18 @@ def measure(name: str, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Te
         times.append(time.perf_counter() - t0)
         kept.append(kept_tokens(out, stops))
         steps.append(out.shape[1])
+    refresh_ms, four_pass_ms = refresh_times(engine, device)
     rate = statistics.median(k / t for k, t in zip(kept, times))
     step_ms = statistics.median(1000 * t / n for t, n in zip(times, steps))
     alloc = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else float("nan")
-    row = [f"{name}: {what}", every, engine.last_path, rate, step_ms, 1.0, alloc, reserved, first]
+    row = [f"{name}: {what}", every, engine.last_path, rate, step_ms, 1.0, alloc, reserved, first,
+           float("nan") if refresh_ms is None else refresh_ms, float("nan") if four_pass_ms is None else four_pass_ms]
     record = {"variant": name, "what": what, "levers": levers, "stop_every": every, "path": engine.last_path,
               "tokens_per_s": rate, "ms_per_step": step_ms, "speedup": 1.0, "peak_allocated_gib": alloc,
               "peak_reserved_gib": reserved, "first_call_s": first, "times_s": times, "kept_tokens": kept,
-              "steps": steps, "batch_sizes": list(engine.loop.sizes) if engine.last_path == "own" else None}
+              "steps": steps, "batch_sizes": list(engine.loop.sizes) if engine.last_path == "own" else None,
+              "refresh_ms": refresh_ms, "refresh_four_pass_ms": four_pass_ms}
     return row, record, call
 
 
@@ -181,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                     "LoRA r=16 all-linear, "
                     f"batch {args.batch} x {args.prompt_len} prompt + up to {args.new} new tokens",
                     ["variant", "stop every", "path", "tokens/s", "ms per step", "speed-up", "peak alloc GiB",
-                     "peak reserved GiB", "first call s"], suffix=f"_{args.size}{'_nf4' if args.nf4 else ''}")
+                     "peak reserved GiB", "first call s", "refresh ms", "four-pass refresh ms"], suffix=f"_{args.size}{'_nf4' if args.nf4 else ''}")
     report.notes.append("today = the PPO/GRPO sampling path before the engine (unmerged LoRA, HF dynamic cache)")
+    report.notes.append("refresh ms: the folded copy's refresh, part of every timed call that folds (one addmm per "
+                        "weight); four-pass: the same fold as the matmul, scale, float32 upcast and add it was before")
     report.notes.append("stop every L: vocab/L stop tokens, rows end after about L tokens; 0: rows never end. "
                         "speed-up is against today in the same regime")
     chosen = [v for v in args.variants.split(",") if v]
@@ -195,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # noqa: BLE001 - one failed variant must not cost the others' GPU time
                 traceback.print_exc()
                 error = f"{type(err).__name__}: {err}"
-                report.add([f"{name}: {what}", every, f"failed: {error[:200]}"] + [float("nan")] * 6,
+                report.add([f"{name}: {what}", every, f"failed: {error[:200]}"] + [float("nan")] * 8,
                            {"variant": name, "what": what, "stop_every": every, "error": error})
                 continue
             base_rate = base_rate or record["tokens_per_s"]

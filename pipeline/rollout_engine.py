@@ -146,7 +146,7 @@ class RolloutEngine:
     def _copy(self, model: nn.Module, adapter: str) -> GenerationCopy:
         copy = self._copies.get(adapter)
         if copy is None:
-            copy = self._copies[adapter] = GenerationCopy(model, adapter)
+            copy = self._copies[adapter] = GenerationCopy(model, adapter, fuse_projections=self.spec.fuse_projections)
         else:
             copy.refresh()
         return copy

@@ -122,7 +122,9 @@ class GenerationSpec(StrictModel):
     ``batch_size`` rows per ``generate`` call (None: the whole rollout batch at once; independent
     of the training minibatches); ``fold_adapter`` samples from a folded generation copy of the
     policy's weights (``W0 + delta``, a dense copy in the compute dtype; LoRA family only, not
-    under ZeRO-3; other adapters sample unmerged); ``cache: static`` preallocates the KV cache,
+    under ZeRO-3; other adapters sample unmerged), in which ``fuse_projections`` stacks the sibling
+    projections a layer feeds one input (query/key/value, gate/up) into one matrix each
+    (``adapters.generation_copy.SharedInput``); ``cache: static`` preallocates the KV cache,
     which ``compile`` lets transformers compile the decode step over (CUDA); ``prompt_bucket``
     left-pads prompts to a multiple of it so a static cache sees few distinct shapes.
     ``decode_loop``: ``hf`` calls transformers' ``generate``; ``own`` runs ``pipeline.decode_loop``
@@ -141,6 +143,7 @@ class GenerationSpec(StrictModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     batch_size: int | None = Field(default=None, gt=0)
     fold_adapter: bool = False
+    fuse_projections: bool = True
     cache: Literal["dynamic", "static"] = "dynamic"
     compile: bool = False
     prompt_bucket: int = Field(default=0, ge=0)

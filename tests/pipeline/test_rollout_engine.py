@@ -268,3 +268,57 @@ def test_refreshing_the_copy_gives_the_fold_bit_for_bit(dora: bool, dtype: torch
             bound = torch.finfo(dtype).eps / 2 * exact.abs() + \
                 4 * torch.finfo(torch.float32).eps * abs(layer.scaling["policy"]) * (b.abs() @ a.abs())
             assert ((folded.weight.double() - exact).abs() <= bound).all()
+
+
+def test_stacked_projections_give_the_unstacked_outputs_and_trace_as_one_graph(lora_model) -> None:
+    """Query/key/value and gate/up stacked into one matrix each: the same logits as the copy without
+    stacking, a refresh writes through the stacked weight, the hand-over state is empty after every
+    forward, and dynamo traces the forward as one graph (the compiled decode step needs that)."""
+    lora_model.set_adapter("policy")
+    ids, mask = _prompts()
+    lm = lora_model.get_base_model()
+    plain = GenerationCopy(lora_model, "policy", fuse_projections=False)
+    stacked = GenerationCopy(lora_model, "policy")
+    assert len(stacked.groups) == 2 * lm.config.num_hidden_layers
+    assert [g.sizes for g in stacked.groups[:2]] == [[32, 16, 16], [64, 64]]
+
+    def logits(copy_: GenerationCopy, forward=lm) -> torch.Tensor:
+        with torch.no_grad(), copy_.swapped_in():
+            out = forward(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            assert all(g.input is None and not g.pending for g in copy_.groups)
+        return out
+
+    expected = logits(plain)
+    torch.testing.assert_close(logits(stacked), expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    try:
+        traced = logits(stacked, torch.compile(lm, backend="eager", fullgraph=True))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(traced, expected, rtol=1e-5, atol=1e-5)
+
+    _trained_like(lora_model, seed=9)
+    plain.refresh()
+    stacked.refresh()
+    for (*_, a), (*_, b) in zip(plain._slots, stacked._slots):
+        assert torch.equal(a.weight, b.weight)
+    for group in stacked.groups:
+        assert torch.equal(group.weight, torch.cat([m.weight for m in group.members]))
+    torch.testing.assert_close(logits(stacked), logits(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stacked_member_called_on_another_input_computes_its_own_rows(lora_model) -> None:
+    copy_ = GenerationCopy(lora_model, "policy")
+    group = copy_.groups[0]
+    q, k, v = group.members
+    x, y = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.weight))
+    assert group.input is x and sorted(group.pending) == [1, 2]
+    torch.testing.assert_close(k(y), torch.nn.functional.linear(y, k.weight))  # not x's pending rows
+    torch.testing.assert_close(k(x), torch.nn.functional.linear(x, k.weight))
+    torch.testing.assert_close(v(x), torch.nn.functional.linear(x, v.weight))
+    assert group.input is None and not group.pending
+    with copy_.swapped_in():
+        v(x)  # called first: leaves q's and k's rows pending until the copy is swapped out
+        assert sorted(group.pending) == [0, 1]
+    assert group.input is None and not group.pending
