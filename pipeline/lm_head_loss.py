@@ -185,13 +185,21 @@ def _head_terms(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ch
 
 def _labelled(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
     """The final hidden states of the positions whose next token is labelled, those tokens, the
-    ``[B, T-1]`` mask of them, and the whole last hidden state (one forward, ``logits_to_keep=1``)."""
-    out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
-    # virtual-token adapters prepend positions: keep the ones aligned with the labels
-    hidden = out.hidden_states[-1][:, -labels.shape[1]:]
+    ``[B, T-1]`` mask of them, and the whole last hidden state (one forward, ``logits_to_keep=1``).
+
+    Where the labelled positions are is read (the loss's one host sync) before the forward is
+    queued, not by a boolean index after it: a sync there would leave the GPU idle while the host
+    launched the rest of the step, and a compiled 1B step's host time is about its device time."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    return hidden[:, :-1][keep], targets[keep], keep, hidden
+    rows, cols = keep.nonzero(as_tuple=True)
+    width = labels.shape[1]
+    flat = rows * width + cols  # positions in the [B * T] flattening; each one's target is the next
+    out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+    # virtual-token adapters prepend positions: keep the ones aligned with the labels
+    hidden = out.hidden_states[-1][:, -width:]
+    chosen = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
+    return chosen, labels.reshape(-1).index_select(0, flat + 1), keep, hidden
 
 
 def _chunked(fn: Any, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
