@@ -153,7 +153,8 @@ def _fold_plain(layer: LoraLinear, adapter_name: str, out: torch.Tensor) -> None
     Why one kernel: the refresh runs before every rollout over every adapted weight. Written as
     ``B @ A``, ``* s``, a float32 upcast and an add, it made four full-size passes; here the base is
     read once and ``out`` written once: 18.9 ms against 60.6 ms per refresh at 8B shapes in bf16
-    on an H200 (``benchmarks/results/rollout_cuda_8b.md``). (On CPU, half precision goes through float32, as in ``_matmul``.)"""
+    on an H200 (``benchmarks/results/rollout_cuda_8b.md``). On CPU, half precision goes through
+    float32, as in ``_matmul``."""
     with torch.no_grad():
         base = layer._dense_weight_oi()
         a, b = layer._lora_pair(adapter_name)

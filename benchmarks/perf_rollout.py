@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                     "LoRA r=16 all-linear, "
                     f"batch {args.batch} x {args.prompt_len} prompt + up to {args.new} new tokens",
                     ["variant", "stop every", "path", "tokens/s", "ms per step", "speed-up", "peak alloc GiB",
-                     "peak reserved GiB", "first call s", "refresh ms", "four-pass refresh ms"], suffix=f"_{args.size}{'_nf4' if args.nf4 else ''}")
+                     "peak reserved GiB", "first call s", "refresh ms", "four-pass refresh ms"],
+                    suffix=f"_{args.size}{'_nf4' if args.nf4 else ''}")
     report.notes.append("today = the PPO/GRPO sampling path before the engine (unmerged LoRA, HF dynamic cache)")
     report.notes.append("refresh ms: the folded copy's refresh, part of every timed call that folds (one addmm per "
                         "weight); four-pass: the same fold as the matmul, scale, float32 upcast and add it was before")

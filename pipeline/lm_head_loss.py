@@ -28,9 +28,9 @@ Two ways to get the gradient through a chunk:
   backward and the head's matmul is recomputed.
 
 On the checkpointed path the LM head is called as a module, so an adapter on it, and DeepSpeed
-ZeRO-3's gathering of its partitioned weight, apply as in the model's forward. Models whose logits are more than the head's
-output (a final soft-cap, a logit scale) or that take no ``logits_to_keep`` (encoder-decoders) use
-the model's own loss: :func:`supports` says which.
+ZeRO-3's gathering of its partitioned weight, apply as in the model's forward. Models whose
+logits are more than the head's output (a final soft-cap, a logit scale) or that take no
+``logits_to_keep`` (encoder-decoders) use the model's own loss: :func:`supports` says which.
 """
 
 from __future__ import annotations
