@@ -123,27 +123,29 @@ def _head_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return logp, entropy, grad
 
 
+def _head_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 temperature: float, chunk: int, want_grad: bool, want_entropy: bool, compiled: bool):
+    """:func:`_head_chunk` over ``chunk``-row pieces (through ``torch.compile`` with ``compiled``):
+    the pieces' log-probabilities, entropies and gradients, each concatenated (None where not asked)."""
+    fn = _compiled(_head_chunk) if compiled else _head_chunk
+    pieces = [fn(hidden[s:s + chunk], weight, bias, targets[s:s + chunk], temperature, want_grad, want_entropy)
+              for s in range(0, targets.numel(), chunk)]
+    return tuple(None if part[0] is None else torch.cat(part) for part in zip(*pieces))
+
+
 class _FusedHead(torch.autograd.Function):
     """Log-probabilities (and entropies, no gradient) of ``targets`` through a frozen linear head,
     chunk by chunk, with each hidden state's gradient computed in the forward (module docstring)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk, want_entropy, compiled):
-        fn = _compiled(_head_chunk) if compiled else _head_chunk
-        logps, entropies, grads = [], [], []
-        for start in range(0, targets.numel(), chunk):
-            logp, entropy, grad = fn(hidden[start:start + chunk], weight, bias, targets[start:start + chunk],
-                                     temperature, True, want_entropy)
-            logps.append(logp)
-            entropies.append(entropy)
-            grads.append(grad)
-        ctx.save_for_backward(torch.cat(grads))
+        logp, entropy, grad = _head_chunks(hidden, weight, bias, targets, temperature, chunk, True, want_entropy,
+                                           compiled)
+        ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
-        if not want_entropy:
-            return torch.cat(logps), None
-        entropy = torch.cat(entropies)
-        ctx.mark_non_differentiable(entropy)
-        return torch.cat(logps), entropy
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
@@ -177,10 +179,8 @@ def _head_terms(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ch
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _FusedHead.apply(hidden, head.weight, head.bias, targets, float(temperature), chunk, want_entropy,
                                 compiled)
-    fn = _compiled(_head_chunk) if compiled else _head_chunk
-    pieces = [fn(hidden[s:s + chunk], head.weight, head.bias, targets[s:s + chunk], float(temperature), False,
-                 want_entropy) for s in range(0, targets.numel(), chunk)]
-    return torch.cat([p[0] for p in pieces]), (torch.cat([p[1] for p in pieces]) if want_entropy else None)
+    return _head_chunks(hidden, head.weight, head.bias, targets, float(temperature), chunk, False, want_entropy,
+                        compiled)[:2]
 
 
 def _labelled(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
@@ -210,9 +210,8 @@ def _chunked(fn: Any, head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
     Re-entrant checkpointing: the recompute calls the head as a module again inside the backward,
     where DeepSpeed ZeRO-3's hooks gather its partitioned weight for it; the non-re-entrant kind
     checks the recomputed tensors against the saved ones and finds the released partition
-    (``tests/pipeline/test_deepspeed_stages_ray.py`` runs it under ZeRO-3 offload)."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be positive, got {chunk}")
+    (``tests/pipeline/test_deepspeed_stages_ray.py`` runs it under ZeRO-3 offload). ``chunk`` is
+    checked by :func:`_head_terms`, which the callers ask first."""
     fn = _compiled(fn) if compiled else fn
     pieces = []
     for start in range(0, targets.numel(), chunk):
